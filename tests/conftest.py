@@ -1,0 +1,21 @@
+"""Test session setup.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before triton is
+first imported (it decides at decoration time), so it is set here, before any qlora_fsdp import.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
