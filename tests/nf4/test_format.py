@@ -123,3 +123,14 @@ def test_weight_rejects_inconsistent_tensors():
     with pytest.raises(NF4FormatError, match="`nested_absmax` is missing"):
         NF4Weight(data=w.data, absmax=w.absmax, shape=w.shape, dtype=w.dtype, nested_absmax=None,
                   nested_quant_map=None, offset=None)  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(1, 64), (3, 200), (7, 13), (1024, 4096), (4096, 14336)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_on_cuda_matches_bitsandbytes_cuda(shape, dtype):
+    w = (torch.randn(shape, device="cuda") * 0.02).to(dtype)
+    w.view(-1)[:64] = 0  # an all-zero block: bitsandbytes' CUDA kernel codes it differently from its CPU path
+    for double_quant in (True, False):
+        ours = assert_same_as_bnb(w, 64, double_quant)
+        assert ours.device.type == "cuda"

@@ -16,6 +16,7 @@ and the pure-PyTorch reference otherwise, including while being traced.
 
 from __future__ import annotations
 
+import os
 import torch
 from torch import Tensor
 
@@ -34,7 +35,12 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    return HAS_TRITON and bool(triton.knobs.runtime.interpret)
+    if not HAS_TRITON:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # triton < 3.4
 
 
 # Elements written per program. Tuned on an H100 with benchmarks/dequant.py.

@@ -1,0 +1,93 @@
+"""Shared benchmark helpers: timing (host-visible and GPU-only), environment record, results file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results.jsonl")
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = os.environ.get("QLORA_GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+        except OSError:
+            commit = None
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit or None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def append_results(rows: list[dict], path: Path | str | None = None) -> Path:
+    path = Path(path or os.environ.get("QLORA_RESULTS", RESULTS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def host_time_us(fn, iters: int, warmup: int = 5) -> float:
+    """Mean wall time per call in us as a Python caller sees it: launches, host overhead and the GPU work,
+    for back-to-back calls (the caller waits once at the end)."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(iters):
+        fn(i)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def gpu_time_us(fn, iters: int, warmup: int = 3) -> tuple[float, int]:
+    """(GPU time per call in us summed over the kernels the call launches, kernels per call), from the
+    profiler's device-side kernel durations (no launch gaps, no host overhead)."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            fn(i)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels)
+    return total / iters, round(len(kernels) / iters)
+
+
+def copy_bandwidth_tbs(nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e12
