@@ -20,13 +20,15 @@ from qlora_fsdp.nf4 import (  # noqa: E402
     quantize_nf4,
 )
 from qlora_fsdp.nf4.bnb import quant_state_key  # noqa: E402
+from tests.nf4.bnb_oracle import dequantize_4bit as bnb_dequantize_4bit  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tiny_llama(tmp_path):
+    # in_features are multiples of 64: bitsandbytes' AVX-512 CPU forward repacks weights and cannot take others
     cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -73,7 +75,7 @@ def test_reads_transformers_checkpoint_bit_exact(bnb_checkpoint):
         assert torch.equal(w.nested_absmax, again.nested_absmax) and torch.equal(w.offset, again.offset)
         # ... and dequantize as bitsandbytes dequantizes the loaded module's weight
         param = q_model.get_parameter(key)
-        assert torch.equal(dequantize_reference(w), bnbF.dequantize_4bit(param.data, param.quant_state))
+        assert torch.equal(dequantize_reference(w), bnb_dequantize_4bit(param.data, param.quant_state))
 
 
 def test_written_entries_load_back_into_transformers(bnb_checkpoint, tmp_path):
@@ -117,7 +119,7 @@ def test_quant_state_round_trip(double_quant):
     assert torch.equal(packed2, packed)
     for dtype in (torch.bfloat16, torch.float32):
         qs2.dtype = dtype
-        assert torch.equal(bnbF.dequantize_4bit(packed2, qs2), dequantize_reference(ours, dtype))
+        assert torch.equal(bnb_dequantize_4bit(packed2, qs2), dequantize_reference(ours, dtype))
     # our state dict is what bitsandbytes' own serializer writes
     theirs = {"w." + k: v for k, v in qs.as_dict(packed=True).items()}
     mine = nf4_to_state_dict(ours, "w")

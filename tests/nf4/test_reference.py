@@ -6,6 +6,7 @@ import torch
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 from qlora_fsdp.nf4 import NF4FormatError, dequantize_reference, nf4_from_bnb  # noqa: E402
+from tests.nf4.bnb_oracle import dequantize_4bit as bnb_dequantize_4bit  # noqa: E402
 from qlora_fsdp.nf4.reference import dequantize_nf4_reference  # noqa: E402
 
 SHAPES = [(1, 64), (3, 200), (7, 13), (1, 1), (1, 63), (5, 7, 9), (64, 64), (33, 4096), (1024, 4096)]
@@ -24,7 +25,7 @@ def test_reference_matches_bitsandbytes(shape, out_dtype, double_quant):
     packed, qs = bnb_pair((torch.randn(shape) * 0.02).bfloat16(), 64, double_quant)
     ours = dequantize_reference(nf4_from_bnb(packed, qs), out_dtype)  # imported from bnb's state, no requantizing
     qs.dtype = out_dtype
-    expected = bnbF.dequantize_4bit(packed, qs)
+    expected = bnb_dequantize_4bit(packed, qs)
     assert ours.shape == expected.shape and ours.dtype == out_dtype
     assert torch.equal(ours, expected)
 
@@ -35,13 +36,13 @@ def test_reference_blocksizes_match_bitsandbytes(blocksize):
         packed, qs = bnb_pair(torch.randn(17, 4096, dtype=torch.float16), blocksize, double_quant)
         ours = dequantize_reference(nf4_from_bnb(packed, qs), torch.bfloat16)
         qs.dtype = torch.bfloat16
-        assert torch.equal(ours, bnbF.dequantize_4bit(packed, qs))
+        assert torch.equal(ours, bnb_dequantize_4bit(packed, qs))
 
 
 def test_reference_llama_shape_matches_bitsandbytes():
     packed, qs = bnb_pair(torch.randn(11008, 4096, dtype=torch.bfloat16) * 0.02)
     ours = dequantize_reference(nf4_from_bnb(packed, qs))
-    assert torch.equal(ours, bnbF.dequantize_4bit(packed, qs))
+    assert torch.equal(ours, bnb_dequantize_4bit(packed, qs))
 
 
 def test_reference_rejects_non_float_output():
