@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .format import FLOAT_DTYPES, NF4FormatError, NF4Weight
 from .reference import dequantize_nf4_reference
@@ -43,9 +44,10 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # triton < 3.4
 
 
-# Elements written per program. Tuned on an H100 with benchmarks/dequant.py.
-ELEMENTS_PER_PROGRAM = 4096
-NUM_WARPS = 4
+# Elements written per program. Tuned on an H100 with `benchmarks/dequant.py --sweep` (2026-11-26: 2048 x 2 warps
+# was fastest or within 1% of it on 14336x4096 and 4096x4096).
+ELEMENTS_PER_PROGRAM = 2048
+NUM_WARPS = 2
 
 if HAS_TRITON:
 
@@ -65,29 +67,30 @@ if HAS_TRITON:
         DOUBLE_QUANT: tl.constexpr,
         COMPILED: tl.constexpr,  # False in the interpreter (see the module docstring)
         BF16_BY_BITS: tl.constexpr,  # interpreter and bf16 output: round on the bits
+        FULL: tl.constexpr,  # every program covers BLOCKS whole quant blocks: no masks
     ):
         HALF: tl.constexpr = BLOCKSIZE // 2
         first = tl.program_id(0).to(tl.int64) * BLOCKS  # first quant block of this program (int64 base)
         n_blocks = tl.cdiv(n, BLOCKSIZE)
         q_idx = tl.arange(0, BLOCKS)  # (BLOCKS,)
-        q_mask = q_idx < (n_blocks - first)
+        q_in = q_idx < (n_blocks - first)  # masked-off lanes load garbage that stays in range, never stored
 
         if DOUBLE_QUANT:
-            q = tl.load(absmax_ptr + first + q_idx, mask=q_mask, other=0)
+            q = tl.load(absmax_ptr + first + q_idx, mask=None if FULL else q_in)
             code = tl.load(nested_map_ptr + q.to(tl.int32))
-            scale = tl.load(nested_absmax_ptr + (first + q_idx) // NESTED, mask=q_mask, other=0.0)
+            scale = tl.load(nested_absmax_ptr + (first + q_idx) // NESTED, mask=None if FULL else q_in)
             if COMPILED:
                 absmax = libdevice.mul_rn(code, scale)
             else:
                 absmax = code * scale
             absmax = absmax + tl.load(offset_ptr)
         else:
-            absmax = tl.load(absmax_ptr + first + q_idx, mask=q_mask, other=0.0)
+            absmax = tl.load(absmax_ptr + first + q_idx, mask=None if FULL else q_in)
 
         # (BLOCKS, HALF) packed bytes, local offsets in int32 from an int64 base
         byte = q_idx[:, None] * HALF + tl.arange(0, HALF)[None, :]
         bytes_left = tl.cdiv(n, 2) - first * HALF
-        packed = tl.load(data_ptr + first * HALF + byte, mask=byte < bytes_left, other=0)
+        packed = tl.load(data_ptr + first * HALF + byte, mask=None if FULL else byte < bytes_left)
         hi = tl.load(quant_map_ptr + (packed >> 4).to(tl.int32)) * absmax[:, None]
         lo = tl.load(quant_map_ptr + (packed & 0xF).to(tl.int32)) * absmax[:, None]
         values = tl.interleave(hi, lo)  # (BLOCKS, BLOCKSIZE): high nibble -> even element
@@ -100,7 +103,7 @@ if HAS_TRITON:
             values = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             values = values.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + first * BLOCKSIZE + elem, values, mask=elem < elems_left)
+        tl.store(out_ptr + first * BLOCKSIZE + elem, values, mask=None if FULL else elem < elems_left)
 
 
 def _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, blocksize, nested_blocksize):
@@ -114,7 +117,8 @@ def _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, of
     kernel[grid](
         data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, n,
         BLOCKSIZE=blocksize, NESTED=nested_blocksize, BLOCKS=blocks, DOUBLE_QUANT=double_quant,
-        COMPILED=not interpreting, BF16_BY_BITS=interpreting and out.dtype == torch.bfloat16, num_warps=NUM_WARPS,
+        COMPILED=not interpreting, BF16_BY_BITS=interpreting and out.dtype == torch.bfloat16,
+        FULL=n % (blocks * blocksize) == 0, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -155,11 +159,28 @@ def dequantize_nf4_op(
     )
 
 
+def _plain_eager_cuda(t: Tensor) -> bool:
+    """True for a plain CUDA tensor outside any tracing or dispatch mode: the kernel can launch directly."""
+    return (
+        HAS_TRITON and t.is_cuda and type(t) is Tensor and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )  # fmt: skip
+
+
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
-    """Dequantize an `NF4Weight` to a dense `w.shape` tensor of `dtype` (default: its original dtype)."""
+    """Dequantize an `NF4Weight` to a dense `w.shape` tensor of `dtype` (default: its original dtype).
+
+    In plain eager CUDA code the kernel launches directly: the custom-op dispatcher costs ~35 us of host time
+    a call (measured on an H100), more than the kernel itself on most Llama shapes. Anything traced, faked or
+    wrapped goes through `torch.ops.qlora_fsdp.dequantize_nf4`.
+    """
     dtype = dtype or w.dtype
     if dtype not in FLOAT_DTYPES:
         raise NF4FormatError(f"dequantize_nf4: output dtype {dtype} is not one of float16, bfloat16, float32")
+    if _plain_eager_cuda(w.data):
+        out = torch.empty(w.shape, dtype=dtype, device=w.data.device)
+        return _launch(_nf4_dequant_kernel, w.data, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map,
+                       w.offset, out, w.blocksize, w.nested_blocksize)  # fmt: skip
     return torch.ops.qlora_fsdp.dequantize_nf4(
         w.data, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map, w.offset,
         list(w.shape), w.blocksize, w.nested_blocksize, dtype,
