@@ -1,0 +1,224 @@
+"""load_model(): a Hugging Face causal LM with its decoder-layer linears as frozen NF4 weights.
+
+    model = load_model("meta-llama/Llama-3.1-8B" | "/path/to/dir", dtype=torch.bfloat16)
+
+The model is built on the meta device and its checkpoint streamed in tensor by tensor, so a full 16-bit copy
+never exists on the host or the GPU (host peak: about one tensor plus the 4-bit model):
+- a 16-bit checkpoint: every `nn.Linear` inside the decoder layers is quantized to NF4 as it arrives (on the
+  GPU when the model goes there, bit-exact with bitsandbytes on that device); embeddings, norms and lm_head
+  stay 16-bit;
+- a bitsandbytes 4-bit checkpoint (`quantization_config.quant_method == "bitsandbytes"`, nf4): the stored
+  bytes and statistics are imported as they are, bit for bit, no requantization.
+The result is a plain transformers `PreTrainedModel` whose quantized linears hold an `NF4Tensor` weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .nf4 import NF4FormatError, nf4_from_state_dict, quantize_nf4
+from .nf4.bnb import QUANT_STATE_SUFFIX
+from .nf4.tensor import NF4Tensor
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or loaded; the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint: safetensors shards behind one lazy mapping
+
+
+class Checkpoint(Mapping):
+    """The tensors of a checkpoint directory (one `model.safetensors` or an index with shards), read lazily."""
+
+    def __init__(self, path: Path, device: str | torch.device = "cpu"):
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").is_file():
+            with safe_open(path / "model.safetensors", "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ModelLoadError(
+                f"{path}: no model.safetensors or model.safetensors.index.json: save the model with "
+                "save_pretrained(safe_serialization=True)"
+            )
+        self.path, self.device, self.weight_map = path, device, weight_map
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            shard = self.path / file
+            if not shard.is_file():
+                raise ModelLoadError(f"{shard}: shard listed in the index is missing: download the checkpoint again")
+            self._handles[file] = safe_open(shard, "pt", device=str(self.device))
+        return self._handles[file]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handle(self.weight_map[key]).get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def keys_in_file_order(self) -> list[str]:
+        """Keys grouped by shard, so shards are read one after another."""
+        return sorted(self.weight_map, key=lambda k: (self.weight_map[k], k))
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory, or a Hugging Face model id from the local cache or the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise ModelLoadError(f"model '{name_or_path}' not found: pass a directory holding config.json and safetensors")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown id, gated repo
+        raise ModelLoadError(
+            f"model '{name_or_path}' not found locally and not downloadable ({type(e).__name__}): pass a local "
+            "directory, or log in / go online for hub ids"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which weights become NF4
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (`model.model.layers` for Llama, Qwen, Mistral...)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelLoadError(f"{type(model).__name__}: no decoder layers found (expected model.model.layers)")
+    return layers
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """`{parameter name of the weight: module}` for every nn.Linear inside the decoder layers."""
+    layer_ids = {id(m) for m in decoder_layers(model).modules()}
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in layer_ids}
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter) or old is None:
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    else:  # a persistent buffer
+        module._buffers[attr] = value
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bnb_4bit_config(config) -> dict | None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        raise ModelLoadError(f"quantization method '{qc.get('quant_method')}' is not supported: use a 16-bit or a "
+                             "bitsandbytes nf4 checkpoint")  # fmt: skip
+    if not qc.get("load_in_4bit"):
+        raise ModelLoadError("bitsandbytes 8-bit checkpoints are not supported: use a 16-bit or a 4-bit nf4 checkpoint")
+    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ModelLoadError(f"bnb_4bit_quant_type '{qc.get('bnb_4bit_quant_type')}' is not supported (only nf4)")
+    return qc
+
+
+def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inv_freq) are computed at construction: rebuild their modules on `device`."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if "Rotary" not in type(module).__name__:
+            raise ModelLoadError(f"{name}: buffers left on the meta device by {type(module).__name__}")
+        config = getattr(module, "config", None) or model.config
+        with torch.device("cpu"):  # the constructor's signature varies across transformers versions
+            fresh = type(module)(config).to(device)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, fresh)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+    blocksize: int = 64,
+):
+    """Load a causal LM with NF4 decoder linears (see the module docstring). `device` defaults to CUDA if present."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = resolve_model_dir(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read config.json ({e}): pass a transformers model directory") from None
+    bnb = _bnb_4bit_config(config)
+    if bnb is not None:
+        config.quantization_config = None
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    targets = quantizable_linears(model)
+    expected = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    ckpt = Checkpoint(path)
+
+    loaded: set[str] = set()
+    for key in ckpt.keys_in_file_order():
+        if bnb is not None and (QUANT_STATE_SUFFIX in key or key.endswith(
+                (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"))):  # fmt: skip
+            continue  # read together with their weight
+        if key not in expected:
+            continue  # e.g. rotary inv_freq saved by old transformers versions
+        if key in targets:
+            if bnb is not None:
+                try:
+                    w = nf4_from_state_dict(ckpt, key).to(device)
+                except NF4FormatError as e:
+                    raise ModelLoadError(f"{path}: {e}") from None
+            else:
+                w = quantize_nf4(ckpt[key].to(device), blocksize=blocksize)
+            value = NF4Tensor(w, dtype)
+        else:
+            tensor = ckpt[key]
+            value = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ModelLoadError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
+                                 f"{tuple(expected[key].shape)}: config.json does not match the weights")  # fmt: skip
+        _set_parameter(model, key, value)
+        loaded.add(key)
+
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} weights (e.g. {missing[0]}): incomplete download?")
+    _rebuild_meta_buffers(model, device)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model

@@ -1,0 +1,51 @@
+"""The frozen NF4 base path of a QLoRA linear layer: y = x W^T + b with W dequantized on the fly.
+
+    forward:   W = dequant(w)            (out, in), compute dtype; freed right after the matmul
+               y = x @ W^T + b           x (..., in) -> y (..., out)
+    backward:  dL/dx = dL/dy @ dequant(w)  the weight is dequantized again, never kept for backward
+
+The base weight is frozen, so the op yields the input gradient only (and the bias gradient when a trainable
+bias asks for it): LoRA adapters are separate modules beside it, which lets autograd split input-gradient
+from weight-gradient work (DESIGN.md constraint 4). Under autocast the compute dtype is the autocast dtype;
+otherwise it is the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.has_bias = bias is not None
+        w = weight.dequantize(dtype)  # (out, in)
+        y = x.to(dtype) @ w.t()  # (..., out)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y.to(ctx.dtype) @ ctx.weight.dequantize(ctx.dtype)).to(ctx.x_dtype)  # (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def nf4_linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for an NF4Tensor weight (see the module docstring)."""
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return NF4LinearFunction.apply(x, weight, bias, dtype)

@@ -1,0 +1,130 @@
+"""NF4Tensor: a frozen NF4 weight that stands where a dense `(out, in)` weight stands.
+
+Its outer shape is the original weight's and its outer dtype the compute dtype (what `F.linear` multiplies
+in); inside it holds only the 4-bit bytes and the statistics of an `NF4Weight`. A model keeps its
+`nn.Linear` modules with an `nn.Parameter(NF4Tensor)` as the weight, so transformers, peft ("all-linear",
+`get_peft_model`) and `generate` see the model they know, and `F.linear` on it runs `nf4_linear`: the base
+path that dequantizes for its matmul and again in backward, and yields an input gradient only.
+
+Supported tensor operations are the few a frozen weight meets: detach/alias, `.to(device)` (moves the
+bytes and statistics), `.to(dtype)` (changes the compute dtype only: statistics are never cast), clone,
+and `dequantize()`. Anything else raises one line that says to dequantize first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .format import FLOAT_DTYPES, NF4Weight
+from .reference import dequantize_reference
+from .triton_dequant import dequantize_nf4
+
+aten = torch.ops.aten
+_INNER = ("data", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+
+
+class NF4Tensor(Tensor):
+    nf4: NF4Weight
+
+    @staticmethod
+    def __new__(cls, nf4: NF4Weight, dtype: torch.dtype | None = None):
+        dtype = dtype or nf4.dtype
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"NF4Tensor: compute dtype {dtype} is not one of float16, bfloat16, float32")
+        return Tensor._make_wrapper_subclass(cls, nf4.shape, dtype=dtype, device=nf4.device, requires_grad=False)
+
+    def __init__(self, nf4: NF4Weight, dtype: torch.dtype | None = None):
+        self.nf4 = nf4
+
+    def __repr__(self) -> str:
+        return f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, blocksize={self.nf4.blocksize})"
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight: the Triton kernel on CUDA, the PyTorch reference elsewhere (both bit-exact)."""
+        w = self.nf4
+        return (dequantize_nf4 if w.data.is_cuda else dequantize_reference)(w, dtype or self.dtype)
+
+    # torch.compile / subclass protocol: the inner tensors and what rebuilds the wrapper from them
+    def __tensor_flatten__(self):
+        names = [n for n in _INNER if getattr(self.nf4, n) is not None]
+        w = self.nf4
+        return names, (tuple(w.shape), w.dtype, w.blocksize, w.nested_blocksize, self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx, outer_size, outer_stride):
+        shape, orig_dtype, blocksize, nested_blocksize, dtype = ctx
+        nf4 = NF4Weight(shape=shape, dtype=orig_dtype, blocksize=blocksize, nested_blocksize=nested_blocksize,
+                        **{n: inner.get(n) for n in _INNER})  # fmt: skip
+        return NF4Tensor(nf4, dtype)
+
+    def _map_inner(self, fn, dtype: torch.dtype | None = None) -> NF4Tensor:
+        w = self.nf4
+        nf4 = NF4Weight(shape=w.shape, dtype=w.dtype, blocksize=w.blocksize, nested_blocksize=w.nested_blocksize,
+                        **{n: None if getattr(w, n) is None else fn(getattr(w, n)) for n in _INNER})  # fmt: skip
+        return NF4Tensor(nf4, dtype or self.dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            from .linear import nf4_linear
+
+            return nf4_linear(*args, **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"NF4Tensor does not support {func}: dequantize the weight first (weight.dequantize())"
+            )
+        return handler(*args, **kwargs)
+
+
+def _detach(t: NF4Tensor) -> NF4Tensor:
+    return t._map_inner(lambda x: x.detach())
+
+
+def _to_copy(t: NF4Tensor, dtype=None, device=None, layout=None, pin_memory=None, non_blocking=False,
+             memory_format=None) -> NF4Tensor:  # fmt: skip
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"NF4Tensor: cannot convert to {dtype}; dequantize the weight first (weight.dequantize())")
+    if device is None or torch.device(device) == t.device:
+        return t._map_inner(lambda x: x, dtype)
+    return t._map_inner(lambda x: x.to(device, non_blocking=non_blocking), dtype)
+
+
+def _clone(t: NF4Tensor, memory_format=None) -> NF4Tensor:
+    return t._map_inner(lambda x: x.clone())
+
+
+def _is_same_size(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape
+
+
+def _copy_(dst: NF4Tensor, src: Tensor, non_blocking: bool = False) -> NF4Tensor:
+    if not isinstance(src, NF4Tensor) or src.shape != dst.shape or src.nf4.blocksize != dst.nf4.blocksize:
+        raise NotImplementedError("NF4Tensor.copy_ takes only an NF4Tensor of the same shape and blocksize")
+    for n in _INNER:
+        d, s = getattr(dst.nf4, n), getattr(src.nf4, n)
+        if (d is None) != (s is None):
+            raise NotImplementedError("NF4Tensor.copy_: source and destination differ in double quantization")
+        if d is not None:
+            d.copy_(s, non_blocking=non_blocking)
+    return dst
+
+
+_HANDLERS = {
+    aten.detach.default: _detach,
+    aten.alias.default: _detach,
+    aten._to_copy.default: _to_copy,
+    aten.clone.default: _clone,
+    aten.is_same_size.default: _is_same_size,
+    aten.copy_.default: _copy_,
+}
+
