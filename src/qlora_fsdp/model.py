@@ -79,8 +79,18 @@ class Checkpoint(Mapping):
         return sorted(self.weight_map, key=lambda k: (self.weight_map[k], k))
 
 
+EMBEDDED = "embedded"
+
+
+def embedded_model_dir() -> Path:
+    """The tiny Llama shipped in the package (with its tokenizer and task data): the default model."""
+    return Path(__file__).resolve().parent / "assets" / "tiny"
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local directory, or a Hugging Face model id from the local cache or the hub."""
+    """A local directory, "embedded", or a Hugging Face model id from the local cache or the hub."""
+    if str(name_or_path) == EMBEDDED:
+        return embedded_model_dir()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -220,5 +230,15 @@ def load_model(
         model.generation_config = GenerationConfig.from_pretrained(path)
     for p in model.parameters():
         p.requires_grad_(False)
+    model.config._name_or_path = str(name_or_path)  # what peft records as base_model_name_or_path
     model.eval()
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every NF4Tensor weight by its dense dequantization (in place): the 16-bit model that holds
+    exactly the weights the NF4 model computes with. Used to merge adapters and to export."""
+    for name, param in list(model.named_parameters()):
+        if isinstance(param, NF4Tensor):
+            _set_parameter(model, name, param.dequantize(dtype or param.dtype))
     return model

@@ -1,0 +1,330 @@
+"""The single-process QLoRA training loop.
+
+    loop = TrainLoop(TrainConfig(...))      # loads the model (NF4 base), adds LoRA, tokenizes the data
+    records = loop.train()                  # per-step metrics; adapter, metrics.jsonl and loss.png in output_dir
+
+Per optimizer step it takes `grad_accum` batches and normalises by the label tokens of all of them:
+
+    loss = sum over the step's batches and tokens of CE(token) / (label tokens in the step)
+
+(the normalisation transformers' Trainer uses, with `num_items_in_batch`), so a step's loss does not depend
+on how its tokens are split into batches. AdamW on the LoRA parameters only, linear warmup + cosine decay,
+gradient clipping, bf16/fp16 autocast (fp16 with a gradient scaler), activation checkpointing.
+
+Checkpoints (`output_dir/checkpoint-<step>/`) hold the adapter in PEFT format and `trainer_state.pt`: optimizer,
+scheduler, scaler, RNG states, the data position and the metrics so far; they are written atomically, and
+`resume=True` continues from the newest one on the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_checkpoints
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run; the message names the fix."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "embedded"  # a Hugging Face id, a local directory, or "embedded" (the shipped tiny model)
+    dataset: str = "embedded"  # a datasets name, a local .jsonl/.json/.parquet/.csv, or "embedded"
+    split: str = "train"
+    eval_dataset: str | None = None  # default: the embedded held-out set when dataset == "embedded"
+    eval_split: str = "train"
+    output_dir: str = "runs/qlora"
+    # data
+    max_length: int = 512
+    batch_size: int = 8  # examples per batch (padded batches)
+    packing: bool = False  # padding-free packing into rows of max_tokens
+    max_tokens: int = 2048  # tokens per packed row
+    group_by_length: bool = True
+    completion_only: bool = True
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+    # optimisation
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 0  # 0: epochs * steps per epoch
+    epochs: float = 1.0
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    activation_checkpointing: bool = False
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 1
+    eval_every: int = 0  # 0: at the start and the end only
+    save_every: int = 0  # 0: at the end only
+    keep_checkpoints: int = 2
+    resume: bool = False
+    device: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "max_length", "grad_accum", "lora_r", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.packing and self.max_tokens < self.max_length:
+            raise TrainError(f"--max-tokens {self.max_tokens} < --max-length {self.max_length}: raise --max-tokens")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    except ImportError:  # pragma: no cover
+        return float("nan")
+
+
+def add_lora(model, cfg: TrainConfig):
+    """peft LoRA on the NF4 model; adapters in fp32 (peft upcasts them), base frozen."""
+    import peft
+
+    lora = peft.LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+        target_modules=cfg.target_modules, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    try:
+        return peft.get_peft_model(model, lora)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise TrainError(f"target_modules {cfg.target_modules!r} match no layer: use 'all-linear' or some of "
+                             f"{', '.join(names)}") from None  # fmt: skip
+        raise
+
+
+class TrainLoop:
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, train_batches=None, eval_batches=None):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = PRECISIONS[cfg.precision]
+        self.out = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        if model is None:
+            from .setup import build_model_and_tokenizer
+
+            model, tokenizer = build_model_and_tokenizer(cfg, self.device, self.dtype)
+        self.tokenizer = tokenizer
+        self.model = add_lora(model, cfg)
+        if cfg.activation_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train_batches is None:
+            from .setup import build_batches
+
+            train_batches, eval_batches = build_batches(cfg, tokenizer)
+        self.batches, self.eval_batches = train_batches, eval_batches
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = max(1, len(self.batches) // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, self.total_steps),
+                                                         self.total_steps)  # fmt: skip
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.records: list[dict] = []
+        self._stream = None
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        if self._stream is None:
+            self._stream = iter(self.batches)
+        try:
+            return next(self._stream)
+        except StopIteration:  # the batcher starts its next epoch
+            self._stream = iter(self.batches)
+            return next(self._stream)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    @staticmethod
+    def label_tokens(batch: dict) -> int:
+        labels = batch["labels"]
+        return int((labels[:, 1:] != -100).sum())  # the first position is never predicted
+
+    def _autocast(self):
+        enabled = self.cfg.precision != "fp32"
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Sum of token cross-entropies of one batch (fp32)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        with self._autocast():
+            logits = self.model(**inputs, use_cache=False).logits  # (B, T, V)
+        logits = logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")  # fmt: skip
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        self.model.train()
+        batches = [self._next_batch() for _ in range(self.cfg.grad_accum)]
+        n_tokens = sum(self.label_tokens(b) for b in batches)
+        if n_tokens == 0:
+            raise TrainError("a step without any label token: check --completion-only and the dataset fields")
+        total = 0.0
+        for b in batches:
+            loss = self._forward_loss_sum(self._to_device(b)) / n_tokens
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "label_tokens": n_tokens,
+                "tokens": tokens}  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_batches is None:
+            return {}
+        self.model.eval()
+        loss_sum, n = 0.0, 0
+        for b in self.eval_batches:
+            b = self._to_device(b)
+            loss_sum += self._forward_loss_sum(b).item()
+            n += self.label_tokens(b)
+        return {"eval_loss": loss_sum / max(n, 1), "eval_tokens": n}
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        final = self.out / f"checkpoint-{self.step}"
+        with atomic_dir(final) as tmp:
+            self.model.save_pretrained(tmp)
+            state = {
+                "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(), "data": self.batches.state_dict(),
+                "records": self.records, "config": asdict(self.cfg),
+            }  # fmt: skip
+            torch.save(state, tmp / "trainer_state.pt")
+        prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
+        set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors", device=str(self.device)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        self._stream = None
+        set_rng_state(state["rng"])
+        self.step, self.records = state["step"], state["records"]
+
+    def save_final(self) -> None:
+        with atomic_dir(self.out / "adapter") as tmp:
+            self.model.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write_text(self.out / "metrics.jsonl", lines)
+        from .plot import plot_loss
+
+        plot_loss(self.records, self.out / "loss.png")
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def train(self, stop_at: int | None = None) -> list[dict]:
+        """Run to the end (or stop after step `stop_at` as if interrupted: no final save)."""
+        cfg = self.cfg
+        if cfg.resume and (ckpt := latest_checkpoint(self.out)) is not None:
+            self.load_checkpoint(ckpt)
+            print(f"resumed from {ckpt} at step {self.step}")
+        if self.step == 0:
+            self.records.append({"step": 0, **self.evaluate()})
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        start, tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            if stop_at is not None and self.step >= stop_at:
+                return self.records
+            rec = self.train_step()
+            tokens += rec["tokens"]
+            elapsed = time.perf_counter() - start
+            rec.update(tokens_per_s=tokens / elapsed, mem_gb=memory_gb(self.device), elapsed_s=elapsed)
+            last = self.step == self.total_steps
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                rec.update(self.evaluate())
+            self.records.append(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                mem=f"{rec['mem_gb']:.2f}GB")  # fmt: skip
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_final()
+        return self.records
