@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# One device-machine session: GPU tests, then benchmarks. Usage (on the device, repo root):
-#   bash benchmarks/gpu_session.sh [pytest-args...]
-# Expects bitsandbytes (and other missing wheels) unpacked under .device/site (see README, "GPU runs").
+# One device-machine session. Usage (on the device, repo root):
+#   PARTS="tests dequant train" bash benchmarks/gpu_session.sh [pytest-args...]
+#     tests    the GPU tests (tests/nf4, tests/test_gpu_training.py) plus anything in pytest-args
+#     dequant  benchmarks/dequant.py ($DEQUANT_ARGS, default --sweep)
+#     train    the embedded default `qlora-fsdp train` on the GPU in bf16, timed
+# Expects bitsandbytes, datasets, dill, multiprocess and trl unpacked under .device/site (see README, "GPU runs").
 set -u
-export PYTHONPATH="$PWD/src:$PWD/.device/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD/.device/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export QLORA_RESULTS="$OUT/results.jsonl"
+PARTS="${PARTS:-tests dequant}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-python3 -m pytest -q tests/nf4 -p no:cacheprovider -rf "$@" 2>&1 | tail -40 | tee "$OUT/tests.log"
-python3 benchmarks/dequant.py ${DEQUANT_ARGS:---sweep} 2>&1 | tee "$OUT/dequant.log"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+case " $PARTS " in *" tests "*)
+    python3 -m pytest -q tests/nf4 tests/test_gpu_training.py -p no:cacheprovider -rf "$@" 2>&1 | tail -40 | tee "$OUT/tests.log";;
+esac
+case " $PARTS " in *" dequant "*)
+    python3 benchmarks/dequant.py ${DEQUANT_ARGS:---sweep} 2>&1 | tee "$OUT/dequant.log";;
+esac
+case " $PARTS " in *" train "*)
+    /usr/bin/time -v python3 -m qlora_fsdp train --precision bf16 --output-dir "$OUT/run" 2>&1 \
+        | grep -v "it/s\]" | tail -25 | tee "$OUT/train.log";;
+esac

@@ -1,3 +1,17 @@
 """qlora_fsdp: QLoRA finetuning with a bitsandbytes-exact NF4 base, a Triton dequantizer and FSDP2."""
 
 __version__ = "0.1.0"
+
+__all__ = ["load_model", "dequantize_model", "TrainConfig", "TrainLoop"]
+
+
+def __getattr__(name):  # lazy: `import qlora_fsdp.nf4` stays light
+    if name in ("load_model", "dequantize_model"):
+        from . import model
+
+        return getattr(model, name)
+    if name in ("TrainConfig", "TrainLoop"):
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'qlora_fsdp' has no attribute {name!r}")

@@ -1,5 +1,9 @@
 """The `qlora-fsdp` command (also `python -m qlora_fsdp`).
 
+    qlora-fsdp train [options]                            QLoRA training; with no options: the embedded default
+                                                          (a tiny Llama and a small task shipped in the package)
+    qlora-fsdp generate --adapter DIR --prompt TEXT       answer with a trained adapter
+    qlora-fsdp export --adapter DIR --out DIR --merge     a merged 16-bit transformers checkpoint
     qlora-fsdp dequant [--rows R --cols C --dtype bf16]   NF4 round trip: quantize, dequantize with the Triton
                                                           kernel (GPU, or the interpreter on CPU), check it
                                                           against the reference and bitsandbytes
@@ -57,9 +61,159 @@ def _dequant(args: argparse.Namespace) -> int:
     return 0 if torch.equal(out, ref) and same_bytes and same_out is not False else 1
 
 
+# Settings of the embedded default run that differ from the general defaults (a tiny random base learns at a
+# higher rate); they apply when the model is the embedded one and the option is not given.
+EMBEDDED_DEFAULTS = {"lr": 3e-3, "max_steps": 300, "batch_size": 16, "warmup_steps": 10, "lora_r": 16,
+                     "lora_alpha": 32, "precision": "fp32", "group_by_length": False}  # fmt: skip
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field: --kebab-name, typed from its default."""
+    from dataclasses import MISSING, fields
+
+    from .train import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name in ("extra", "progress"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {default}")
+        elif f.name == "target_modules":
+            p.add_argument(flag, default=None, help="'all-linear' or comma-separated names (default: all-linear)")
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=None, help=f"default: {default}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .model import EMBEDDED
+    from .train import TrainConfig, TrainLoop
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
+        given["target_modules"] = [m.strip() for m in given["target_modules"].split(",") if m.strip()]
+    if given.get("model", EMBEDDED) == EMBEDDED:
+        for k, v in EMBEDDED_DEFAULTS.items():
+            if k in {f.name for f in fields(TrainConfig)}:
+                given.setdefault(k, v)
+    cfg = TrainConfig(**given)
+    loop = TrainLoop(cfg)
+    records = loop.train()
+    first = next((r for r in records if "eval_loss" in r), None)
+    last = next((r for r in reversed(records) if "eval_loss" in r), None)
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    if train_losses:
+        k = max(1, len(train_losses) // 10)
+        print(f"train loss: {sum(train_losses[:k]) / k:.4f} (first {k} steps) -> {sum(train_losses[-k:]) / k:.4f} (last {k})")
+    if first is not None and last is not None and first is not last:
+        print(f"held-out loss: {first['eval_loss']:.4f} (untrained adapter) -> {last['eval_loss']:.4f} (trained)")
+    if cfg.dataset == EMBEDDED:
+        _embedded_exact_match(loop, cfg)
+    print(f"adapter, metrics.jsonl and loss.png in {cfg.output_dir}")
+    return 0
+
+
+def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
+    """Held-out exact match of greedy answers, without the adapter (= the untrained one) and with it."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import atomic_write_text
+    from .data import embedded_dataset
+    from .evaluate import exact_match
+
+    examples = list(embedded_dataset(f"eval[:{n}]"))
+    with loop.model.disable_adapter():
+        before = exact_match(loop.model, loop.tokenizer, examples)
+    after = exact_match(loop.model, loop.tokenizer, examples)
+    print(f"held-out exact match ({n} examples): {before:.0%} (untrained adapter) -> {after:.0%} (trained)")
+    result = {"exact_match_untrained": before, "exact_match_trained": after, "examples": n}
+    atomic_write_text(Path(cfg.output_dir) / "eval.json", json.dumps(result) + "\n")
+
+
+def _load_adapted(adapter: str, model: str | None, dense: bool = False, dtype: str = "bf16"):
+    """The base model with the adapter of `adapter` loaded (NF4 base; dense 16-bit if `dense`), and a tokenizer."""
+    import json
+    from pathlib import Path
+
+    import peft
+
+    from .batches import load_tokenizer
+    from .model import ModelLoadError, dequantize_model, load_model
+
+    path = Path(adapter)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} holds no adapter_config.json: pass the adapter directory of a run "
+                             "(e.g. runs/qlora/adapter)")  # fmt: skip
+    base = model or json.loads(config_file.read_text()).get("base_model_name_or_path") or "embedded"
+    import torch
+
+    nf4_model = load_model(base, dtype=getattr(torch, DTYPES[dtype]))
+    if dense:
+        dequantize_model(nf4_model)
+    adapted = peft.PeftModel.from_pretrained(nf4_model, path)
+    tok = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base)
+    return adapted, tok
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import format_instruction_prompt
+
+    model, tok = _load_adapted(args.adapter, args.model)
+    prompt = args.prompt if args.raw else format_instruction_prompt(args.prompt, args.input or "")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if tok.bos_token_id is not None and not args.raw:
+        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
+    ids = ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_dir
+
+    if not args.merge:
+        raise SystemExit("qlora-fsdp export: pass --merge (the adapter directory already is the PEFT export)")
+    model, tok = _load_adapted(args.adapter, args.model, dense=True, dtype=args.dtype)
+    merged = model.merge_and_unload()
+    with atomic_dir(args.out) as tmp:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"merged 16-bit model written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-fsdp", description="QLoRA finetuning with an NF4 base, on one GPU or many.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("train", help="train a LoRA adapter on an NF4 base (no options: the embedded default)")
+    _add_config_options(p)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("generate", help="answer a prompt with a trained adapter")
+    p.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/qlora/adapter)")
+    p.add_argument("--prompt", required=True, help="the instruction (or raw text with --raw)")
+    p.add_argument("--input", default="", help="optional input field of the instruction")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--raw", action="store_true", help="send the prompt as it is, without the instruction template")
+    p.set_defaults(func=_generate)
+    p = sub.add_parser("export", help="merge an adapter into its base and write a 16-bit transformers checkpoint")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the merged weights")
+    p.set_defaults(func=_export)
     p = sub.add_parser("dequant", help="NF4 round trip with the Triton dequantizer, checked against the references")
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--cols", type=int, default=512)
@@ -69,13 +223,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .model import ModelLoadError
+    from .nf4 import NF4FormatError
+    from .train import TrainError
+
+    return DataError, ModelLoadError, NF4FormatError, TrainError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"qlora-fsdp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":
+            print(f"qlora-fsdp {args.command}: error: out of GPU memory: lower --batch-size or --max-tokens, or pass "
+                  "--activation-checkpointing", file=sys.stderr)  # fmt: skip
+            return 2
+        raise
 
 
 if __name__ == "__main__":

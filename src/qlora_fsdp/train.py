@@ -155,10 +155,16 @@ class TrainLoop:
         self.dtype = PRECISIONS[cfg.precision]
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
-        if model is None:
-            from .setup import build_model_and_tokenizer
+        if train_batches is None:  # data first: a wrong path or field fails before a big model loads
+            from .batches import build_batches, load_tokenizer
 
-            model, tokenizer = build_model_and_tokenizer(cfg, self.device, self.dtype)
+            tokenizer = tokenizer or load_tokenizer(cfg.model)
+            train_batches, eval_batches = build_batches(cfg, tokenizer)
+        self.batches, self.eval_batches = train_batches, eval_batches
+        if model is None:
+            from .model import load_model
+
+            model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.tokenizer = tokenizer
         self.model = add_lora(model, cfg)
         if cfg.activation_checkpointing:
@@ -167,11 +173,6 @@ class TrainLoop:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train_batches is None:
-            from .setup import build_batches
-
-            train_batches, eval_batches = build_batches(cfg, tokenizer)
-        self.batches, self.eval_batches = train_batches, eval_batches
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = max(1, len(self.batches) // cfg.grad_accum)
