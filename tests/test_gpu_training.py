@@ -34,12 +34,13 @@ def test_training_on_cuda_bf16_falls(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=30, lr=3e-3, batch_size=16, precision="bf16",
                       device="cuda", progress=False, activation_checkpointing=True)  # fmt: skip
     loop = TrainLoop(cfg)
-    assert loop.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.is_cuda
+    weight = loop.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert isinstance(weight, NF4Tensor) and weight.device.type == "cuda", (type(weight), weight.device)
     records = loop.train()
     losses = [r["loss"] for r in records if "loss" in r]
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert torch.isfinite(torch.tensor(losses)).all(), losses
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    assert evals[-1] < evals[0]
+    assert evals[-1] < 0.7 * evals[0], evals
 
 
 def test_load_model_quantizes_on_cuda_like_bitsandbytes(tmp_path):

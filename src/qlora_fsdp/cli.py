@@ -184,8 +184,15 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.merge:
         raise SystemExit("qlora-fsdp export: pass --merge (the adapter directory already is the PEFT export)")
+    import torch
+
     model, tok = _load_adapted(args.adapter, args.model, dense=True, dtype=args.dtype)
-    merged = model.merge_and_unload()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in W + s * B @ A
+    try:
+        merged = model.merge_and_unload()
+    finally:
+        torch.set_float32_matmul_precision(precision)
     with atomic_dir(args.out) as tmp:
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
