@@ -544,8 +544,9 @@ class Batcher:
 
         input_ids (B, T) padded with pad_token_id, attention_mask (B, T) 1/0, labels (B, T) -100 at padding
 
-    group_by_length: within shuffled chunks of batch_size * mega_batches examples, sort by length (longest first),
-    so that a batch holds examples of similar length; drop_last drops a final partial batch.
+    group_by_length: within shuffled chunks of batch_size * mega_batches examples, sort by length, so that a batch
+    holds examples of similar length; then shuffle the order of the batches (else every chunk would run from its
+    longest examples to its shortest, a sawtooth in the loss); drop_last drops a final partial batch.
 
     Every batch also has "num_label_tokens": int, the number of labels != -100 (pop it before `model(**batch)`).
 
@@ -641,6 +642,9 @@ class Batcher:
             batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
             if self.drop_last and len(batches[-1]) < self.batch_size:
                 batches.pop()
+            if self.group_by_length and self.shuffle:  # batches of similar lengths, but not longest-first in a run
+                perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+                batches = [batches[i] for i in perm]
         self._plan_cache = (epoch, batches)
         return batches
 
