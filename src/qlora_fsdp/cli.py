@@ -135,7 +135,7 @@ def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
     atomic_write_text(Path(cfg.output_dir) / "eval.json", json.dumps(result) + "\n")
 
 
-def _load_adapted(adapter: str, model: str | None, dense: bool = False, dtype: str = "bf16"):
+def _load_adapted(adapter: str, model: str | None, dense: bool = False, dtype: str = "bf16", device: str | None = None):
     """The base model with the adapter of `adapter` loaded (NF4 base; dense 16-bit if `dense`), and a tokenizer."""
     import json
     from pathlib import Path
@@ -153,7 +153,7 @@ def _load_adapted(adapter: str, model: str | None, dense: bool = False, dtype: s
     base = model or json.loads(config_file.read_text()).get("base_model_name_or_path") or "embedded"
     import torch
 
-    nf4_model = load_model(base, dtype=getattr(torch, DTYPES[dtype]))
+    nf4_model = load_model(base, dtype=getattr(torch, DTYPES[dtype]), device=device)
     if dense:
         dequantize_model(nf4_model)
     adapted = peft.PeftModel.from_pretrained(nf4_model, path)
@@ -166,7 +166,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .data import format_instruction_prompt
 
-    model, tok = _load_adapted(args.adapter, args.model)
+    model, tok = _load_adapted(args.adapter, args.model, device=args.device)
     prompt = args.prompt if args.raw else format_instruction_prompt(args.prompt, args.input or "")
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if tok.bos_token_id is not None and not args.raw:
@@ -186,7 +186,7 @@ def _export(args: argparse.Namespace) -> int:
         raise SystemExit("qlora-fsdp export: pass --merge (the adapter directory already is the PEFT export)")
     import torch
 
-    model, tok = _load_adapted(args.adapter, args.model, dense=True, dtype=args.dtype)
+    model, tok = _load_adapted(args.adapter, args.model, dense=True, dtype=args.dtype, device=args.device)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 in W + s * B @ A
     try:
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, without the instruction template")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=_generate)
     p = sub.add_parser("export", help="merge an adapter into its base and write a 16-bit transformers checkpoint")
     p.add_argument("--adapter", required=True)
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--merge", action="store_true")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the merged weights")
+    p.add_argument("--device", default=None, help="where the base is quantized and merged (default: cuda if present; "
+                   "NF4 codes follow bitsandbytes on that device, so use the device the adapter was trained on)")
     p.set_defaults(func=_export)
     p = sub.add_parser("dequant", help="NF4 round trip with the Triton dequantizer, checked against the references")
     p.add_argument("--rows", type=int, default=1024)
