@@ -64,7 +64,7 @@ def _dequant(args: argparse.Namespace) -> int:
 # Settings of the embedded default run that differ from the general defaults (a tiny random base learns at a
 # higher rate); they apply when the model is the embedded one and the option is not given.
 EMBEDDED_DEFAULTS = {"lr": 3e-3, "max_steps": 300, "batch_size": 16, "warmup_steps": 10, "lora_r": 16,
-                     "lora_alpha": 32, "precision": "fp32", "group_by_length": False}  # fmt: skip
+                     "lora_alpha": 32, "precision": "fp32", "group_by_length": False, "eval_every": 50}  # fmt: skip
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
