@@ -164,3 +164,24 @@ def test_sft_trainer_matches_our_loop(tmp_path):
     trainer.train()
     ours, _ = run_loop(tmp_path / "ours", batches, 4, grad_accum=2)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(losses_of(trainer)), rtol=1e-5, atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    batches = [collate(synthetic_examples()[i : i + 4]) for i in range(0, 32, 4)]
+    plain, _ = run_loop(tmp_path / "a", batches, 4)
+    checkpointed, _ = run_loop(tmp_path / "b", batches, 4, activation_checkpointing=True)
+    assert checkpointed == plain
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_tracks_fp32(tmp_path, precision):
+    """Autocast (fp16 with the gradient scaler): the same curve as fp32 up to half-precision rounding."""
+    batches = [collate(synthetic_examples()[i : i + 4]) for i in range(0, 32, 4)]
+    ref, _ = run_loop(tmp_path / "fp32", batches, 6)
+    cfg = TrainConfig(output_dir=str(tmp_path / precision), max_steps=6, precision=precision, warmup_steps=2,
+                      progress=False, device="cpu", lr=5e-3, lora_r=4, lora_alpha=8)  # fmt: skip
+    loop = TrainLoop(cfg, model=load_model(embedded_model_dir(), dtype=torch.float32, device="cpu"),
+                     train_batches=ListBatches(batches))  # fmt: skip
+    losses = [r["loss"] for r in loop.train() if "loss" in r]
+    assert loop.scaler.is_enabled() == (precision == "fp16")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=3e-2, atol=0)
