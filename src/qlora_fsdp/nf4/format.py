@@ -18,7 +18,8 @@ and dequantizes as
 Quantization reproduces `bitsandbytes.functional.quantize_4bit(w, blocksize=B, compress_statistics=...,
 quant_type="nf4")` bit for bit *on the device it runs on*: bitsandbytes itself computes differently on CPU
 (torch ops for the 4-bit codes, a 65536-entry lookup table for the 8-bit absmax codes) and on CUDA (a
-threshold tree, and a binary search over the dynamic map), and we follow whichever device the weight is on.
+threshold tree with its own fp32 constants, a binary search over the dynamic map, and the fast-math approximate
+reciprocal of each absmax), and we follow whichever device the weight is on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+
+from .fast_math import approx_reciprocal
 
 # NF4 code book: quantiles of N(0, 1) scaled to [-1, 1] (QLoRA, Dettmers et al. 2023), as fp32.
 NF4_CODE = (
@@ -51,10 +54,38 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
+# The decision thresholds of bitsandbytes' CUDA NF4 quantizer (csrc/kernels.cu, dQuantizeNF4), as the
+# decimal `float` literals it writes them: nvcc rounds each ONCE to fp32. Four of them (indices 0, 8, 12, 14)
+# land one ulp away from the fp32 midpoints of the code book, which bitsandbytes' CPU path uses.
+CUDA_TREE_LITERALS = (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+)  # fmt: skip
+
+
+def decimal_to_fp32(literal: str) -> float:
+    """The fp32 nearest to a decimal literal (ties to even), rounded once, as a C compiler rounds `1.5f`.
+
+    float32(float(literal)) rounds twice (decimal -> fp64 -> fp32) and can land one ulp off."""
+    import struct
+    from fractions import Fraction
+
+    exact = Fraction(literal)
+    near = struct.unpack("<I", struct.pack("<f", float(literal)))[0]
+    bits = min((near - 1, near, near + 1),
+               key=lambda b: (abs(Fraction(struct.unpack("<f", struct.pack("<I", b))[0]) - exact), b & 1))  # fmt: skip
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
 @functools.lru_cache(maxsize=None)
-def _nf4_thresholds(device: torch.device | str) -> torch.Tensor:
-    # Midpoints between neighbouring codes, in fp32. Equal, value for value, to the constants of
-    # bitsandbytes' CUDA decision tree (checked in the tests), so one bucketize serves both devices.
+def _nf4_thresholds(device: torch.device | str, cuda_tree: bool = False) -> torch.Tensor:
+    """(15,) fp32 thresholds: code = number of thresholds below the scaled value.
+
+    bitsandbytes' CPU path: the fp32 midpoints between neighbouring codes; its CUDA path: its tree's literals."""
+    if cuda_tree:
+        return torch.tensor([decimal_to_fp32(t) for t in CUDA_TREE_LITERALS], dtype=torch.float32, device=device)
     code = nf4_code(device)
     return (code[:-1] + code[1:]) / 2
 
@@ -232,7 +263,7 @@ def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int, on_cpu: bool) -> tup
     full = n - n % blocksize
     blocks = flat[:full].view(-1, blocksize)  # (n_full_blocks, B)
     absmax = blocks.abs().amax(dim=1)
-    thresholds = _nf4_thresholds(flat.device)
+    thresholds = _nf4_thresholds(flat.device, cuda_tree=not on_cpu)
     if on_cpu:
         # bitsandbytes' default (CPU) kernel: multiply by the reciprocal of the clamped absmax, clamp to
         # [-1, 1]; the partial last block divides instead, and stores its clamped absmax.
@@ -243,11 +274,11 @@ def _quantize_nf4_codes(flat: torch.Tensor, blocksize: int, on_cpu: bool) -> tup
             scaled = torch.cat([scaled, (flat[full:] / am).clamp(-1, 1)])
         scaled = torch.nn.functional.pad(scaled, (0, n % 2))
         return torch.bucketize(scaled, thresholds, out_int32=True), absmax
-    # bitsandbytes' CUDA kernel: x * (1 / absmax) for every block; an all-zero block gives 0 * inf = NaN,
-    # which falls through its threshold tree to code 0.
+    # bitsandbytes' CUDA kernel: x * (1 / absmax) for every block, with its fast-math reciprocal; an all-zero
+    # block gives 0 * inf = NaN, which falls through its threshold tree to code 0.
     if full < n:
         absmax = torch.cat([absmax, flat[full:].abs().max().view(1)])
-    inv = 1.0 / absmax
+    inv = approx_reciprocal(absmax)
     scaled = torch.nn.functional.pad(flat, (0, n % 2)) * inv.repeat_interleave(blocksize)[: n + n % 2]
     codes = torch.bucketize(scaled, thresholds, out_int32=True)
     return torch.where(torch.isnan(scaled), 0, codes), absmax
@@ -272,7 +303,7 @@ def _quantize_blockwise_8bit(
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = padded.abs().amax(dim=1)  # zero padding never raises a max of absolute values
-    inv = (1.0 / absmax).view(-1, 1)
+    inv = (1.0 / absmax if on_cpu else approx_reciprocal(absmax)).view(-1, 1)  # CUDA: bnb's fast-math reciprocal
     scaled = (padded * inv).reshape(-1)[:n]
     zero_block = (absmax == 0).repeat_interleave(blocksize)[:n]
     if on_cpu:
