@@ -118,6 +118,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -173,9 +181,14 @@ class TrainLoop:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.rank, self.world = _rank_and_world()
+        if self.world > 1:
+            from .parallel import apply_fsdp
+
+            apply_fsdp(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = max(1, len(self.batches) // cfg.grad_accum)
+        steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.world))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         from transformers import get_cosine_schedule_with_warmup
 
@@ -221,15 +234,19 @@ class TrainLoop:
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
         self.model.train()
-        batches = [self._next_batch() for _ in range(self.cfg.grad_accum)]
+        # every rank reads the whole step (grad_accum batches per rank) and works on its share: batches
+        # rank, rank + world, ...; the divisor is the step's label tokens over all ranks, and the factor `world`
+        # undoes FSDP's gradient averaging, so the step equals one process running all the batches
+        batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.world)]
         n_tokens = sum(self.label_tokens(b) for b in batches)
         if n_tokens == 0:
             raise TrainError("a step without any label token: check --completion-only and the dataset fields")
-        total = 0.0
-        for b in batches:
+        total = torch.zeros((), dtype=torch.float64)
+        for b in batches[self.rank :: self.world]:
             loss = self._forward_loss_sum(self._to_device(b)) / n_tokens
-            self.scaler.scale(loss).backward()
-            total += loss.item()
+            self.scaler.scale(loss * self.world).backward()
+            total += loss.detach().double().cpu()
+        total = self._sum_over_ranks(total)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
@@ -239,7 +256,7 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "label_tokens": n_tokens,
+        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), "label_tokens": n_tokens,
                 "tokens": tokens}  # fmt: skip
 
     @torch.no_grad()
@@ -247,15 +264,28 @@ class TrainLoop:
         if self.eval_batches is None:
             return {}
         self.model.eval()
-        loss_sum, n = 0.0, 0
-        for b in self.eval_batches:
-            b = self._to_device(b)
-            loss_sum += self._forward_loss_sum(b).item()
-            n += self.label_tokens(b)
-        return {"eval_loss": loss_sum / max(n, 1), "eval_tokens": n}
+        batches = list(self.eval_batches)
+        n = sum(self.label_tokens(b) for b in batches)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        rounds = -(-len(batches) // self.world)  # under FSDP every rank runs as many forwards (collectives)
+        for i in range(self.rank, rounds * self.world, self.world):
+            s = self._forward_loss_sum(self._to_device(batches[i % len(batches)]))
+            if i < len(batches):
+                loss_sum += s.double().cpu()
+        loss_sum = self._sum_over_ranks(loss_sum)
+        return {"eval_loss": float(loss_sum) / max(n, 1), "eval_tokens": n}
+
+    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            x = x.to(self.device)
+            torch.distributed.all_reduce(x)
+            x = x.cpu()
+        return x
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        if self.world > 1:
+            return None  # sharded checkpoints (torch.distributed.checkpoint) are not written yet
         final = self.out / f"checkpoint-{self.step}"
         with atomic_dir(final) as tmp:
             self.model.save_pretrained(tmp)
@@ -282,9 +312,17 @@ class TrainLoop:
         set_rng_state(state["rng"])
         self.step, self.records = state["step"], state["records"]
 
+    def lora_state_dict(self) -> dict:
+        """The trainable (LoRA) weights, whole, on CPU; under FSDP gathered from the shards (never the base)."""
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for n, p in self.model.named_parameters() if p.requires_grad}  # fmt: skip
+
     def save_final(self) -> None:
+        lora = self.lora_state_dict() if self.world > 1 else None  # a collective: every rank takes part
+        if self.rank != 0:
+            return
         with atomic_dir(self.out / "adapter") as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=lora)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
@@ -303,7 +341,7 @@ class TrainLoop:
         if self.step == 0:
             self.records.append({"step": 0, **self.evaluate()})
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)

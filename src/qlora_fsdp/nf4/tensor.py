@@ -13,11 +13,15 @@ and `dequantize()`. Anything else raises one line that says to dequantize first.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .format import FLOAT_DTYPES, NF4Weight
+from .sharding import check_shardable, from_gathered, gather_inputs, row_slice
 from .reference import dequantize_reference
 from .triton_dequant import dequantize_nf4
 
@@ -65,6 +69,27 @@ class NF4Tensor(Tensor):
                         **{n: None if getattr(w, n) is None else fn(getattr(w, n)) for n in _INNER})  # fmt: skip
         return NF4Tensor(nf4, dtype or self.dtype)
 
+    # FSDP2 all-gather extension: the shard's uint8 bytes travel, the full NF4Tensor is rebuilt from them
+    def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
+        inputs = gather_inputs(self.nf4)
+        shape = torch.Size(outer_size) if outer_size is not None else self.shape
+        if mesh.size() == 1:  # FSDP2 copies only the first input at world size 1 (torch 2.11-2.13): send one
+            return (torch.cat(inputs),), (self.nf4, shape, [t.numel() for t in inputs])
+        return inputs, (self.nf4, shape, None)
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        like, shape, sizes = metadata
+        if sizes is not None:
+            outputs = torch.split(outputs[0], sizes)
+        if out is not None:  # later all-gathers: `out` views the same storage (N > 1) or takes a copy (N = 1)
+            if sizes is not None:
+                for dst, src in zip(gather_inputs(out.nf4), outputs):
+                    dst.copy_(src)
+            return
+        full = from_gathered(tuple(outputs), like, shape)
+        # the compute dtype is MixedPrecisionPolicy's param_dtype when one is set; statistics are never cast
+        return NF4Tensor(full, param_dtype if param_dtype in FLOAT_DTYPES else self.dtype), tuple(outputs)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,6 +109,61 @@ class NF4Tensor(Tensor):
                 f"NF4Tensor does not support {func}: dequantize the weight first (weight.dequantize())"
             )
         return handler(*args, **kwargs)
+
+
+def _rows(t: NF4Tensor, start: int, stop: int) -> NF4Tensor:
+    return NF4Tensor(row_slice(t.nf4, start, stop), t.dtype)
+
+
+def _split(t: NF4Tensor, split_size: int, dim: int = 0) -> list[NF4Tensor]:
+    if dim != 0:
+        raise NotImplementedError("NF4Tensor splits along dim 0 (rows) only")
+    rows = t.shape[0]
+    return [_rows(t, s, min(s + split_size, rows)) for s in range(0, rows, split_size)]
+
+
+def _slice(t: NF4Tensor, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> NF4Tensor:
+    rows = t.shape[0]
+    start, end = start or 0, rows if end is None else min(end, rows)
+    if dim != 0 or step != 1:
+        raise NotImplementedError("NF4Tensor slices whole rows (dim 0, step 1) only")
+    return _rows(t, start, end)  # a new wrapper even for all rows: a view op may not return its input
+
+
+def _new_zeros(t: NF4Tensor, size, dtype=None, layout=None, device=None, pin_memory=None) -> NF4Tensor:
+    """An all-zero-bytes NF4Tensor of `size` rows x t's columns (FSDP2 pads shards with one)."""
+    w = t.nf4
+    shape = torch.Size(size)
+    if len(shape) != len(w.shape) or tuple(shape[1:]) != tuple(w.shape[1:]):
+        raise NotImplementedError(f"NF4Tensor.new_zeros({tuple(shape)}) must keep the columns {tuple(w.shape[1:])}")
+    n = math.prod(shape)
+    blocks = -(-n // w.blocksize)
+    zeros = lambda k, like: torch.zeros(k, dtype=like.dtype, device=like.device)  # noqa: E731
+    nested = {}
+    if w.double_quant:
+        nested = dict(nested_absmax=zeros(-(-blocks // w.nested_blocksize), w.nested_absmax),
+                      nested_quant_map=w.nested_quant_map, offset=w.offset, nested_blocksize=w.nested_blocksize)  # fmt: skip
+    nf4 = NF4Weight(data=zeros(-(-n // 2), w.data), absmax=zeros(blocks, w.absmax), shape=shape, dtype=w.dtype,
+                    blocksize=w.blocksize, quant_map=w.quant_map, **nested)  # fmt: skip
+    return NF4Tensor(nf4, t.dtype)
+
+
+def _view(t: NF4Tensor, size) -> NF4Tensor:
+    shape = torch.Size(size)
+    if -1 in shape:
+        shape = torch.Size([t.numel() // math.prod(d for d in shape if d != -1) if d == -1 else d for d in shape])
+    if math.prod(shape) != t.numel():
+        raise RuntimeError(f"NF4Tensor.view: {tuple(shape)} is not {tuple(t.shape)} reshaped")
+    w = t.nf4
+    return NF4Tensor(replace(w, shape=shape), t.dtype)
+
+
+def _as_strided(t: NF4Tensor, size, stride, storage_offset=None) -> NF4Tensor:
+    """Only the identity (same shape, contiguous strides, no offset): FSDP2 asks for it on the gathered weight."""
+    contiguous = [math.prod(size[i + 1 :]) for i in range(len(size))]
+    if tuple(size) != tuple(t.shape) or tuple(stride) != tuple(contiguous) or (storage_offset or 0) != 0:
+        raise NotImplementedError(f"NF4Tensor.as_strided({tuple(size)}, {tuple(stride)}) changes the layout")
+    return t._map_inner(lambda x: x)
 
 
 def _detach(t: NF4Tensor) -> NF4Tensor:
@@ -126,5 +206,11 @@ _HANDLERS = {
     aten.clone.default: _clone,
     aten.is_same_size.default: _is_same_size,
     aten.copy_.default: _copy_,
+    aten.split.Tensor: _split,
+    aten.slice.Tensor: _slice,
+    aten.new_zeros.default: _new_zeros,
+    aten.view.default: _view,
+    aten.as_strided.default: _as_strided,
+    aten._unsafe_view.default: _view,
 }
 

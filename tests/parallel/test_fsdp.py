@@ -1,0 +1,81 @@
+"""FSDP2 on 2 gloo ranks (CPU) against one process: the NF4 base is sharded (1/N of its bytes per rank, uint8
+all-gathers), and per-step losses and final LoRA weights equal the single-process run on the same global batches."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from qlora_fsdp.model import load_model
+from qlora_fsdp.nf4.tensor import NF4Tensor
+from qlora_fsdp.train import TrainConfig, TrainLoop
+from tests.test_train import ListBatches, collate, synthetic_examples
+
+STEPS = 6
+
+
+def tiny_llama(path):
+    """Shardable on 2 ranks: every projection's rows/2 x cols is a multiple of 64 x 256 elements."""
+    import transformers
+
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=104, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def make_loop(out, grad_accum, model_dir):
+    batches = [collate(synthetic_examples(n=48)[i : i + 4]) for i in range(0, 48, 4)]
+    cfg = TrainConfig(output_dir=str(out), max_steps=STEPS, precision="fp32", lr=5e-3, warmup_steps=2, progress=False,
+                      device="cpu", lora_r=4, lora_alpha=8, grad_accum=grad_accum)  # fmt: skip
+    return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device="cpu"),
+                     train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
+
+
+def _worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model")
+        w = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
+        local = w.to_local()
+        assert isinstance(local, NF4Tensor) and local.shape[0] == w.shape[0] // world
+        shard_bytes = local.nf4.data.numel() + local.nf4.absmax.numel()
+        records = loop.train()
+        lora = loop.lora_state_dict()
+        if rank == 0:
+            torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes}, out / "fsdp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_equal_one_process(tmp_path):
+    world = 2
+    tiny_llama(tmp_path / "model")
+    mp.spawn(_worker, args=(world, free_port(), tmp_path), nprocs=world, join=True)
+    got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    ref_loop = make_loop(tmp_path / "one", grad_accum=world, model_dir=tmp_path / "model")  # one process, the same global batches
+    ref = ref_loop.train()
+    losses = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731
+    torch.testing.assert_close(losses(got["records"], "loss"), losses(ref, "loss"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses(got["records"], "eval_loss"), losses(ref, "eval_loss"), rtol=1e-5, atol=0)
+    ref_lora = ref_loop.lora_state_dict()
+    assert got["lora"].keys() == ref_lora.keys()
+    for k in ref_lora:
+        torch.testing.assert_close(got["lora"][k], ref_lora[k], rtol=1e-4, atol=1e-6)
+    w = ref_loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.nf4
+    assert got["shard_bytes"] * world == w.data.numel() + w.absmax.numel()  # 1/N of the 4-bit bytes at rest
+    assert (tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()
