@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from .model import EMBEDDED
-    from .train import TrainConfig, TrainLoop
+    from .train import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
@@ -101,8 +101,22 @@ def _train(args: argparse.Namespace) -> int:
             if k in {f.name for f in fields(TrainConfig)}:
                 given.setdefault(k, v)
     cfg = TrainConfig(**given)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_workers(cfg)
+    with _process_group(cfg):
+        _train_and_report(cfg)
+    return 0
+
+
+def _train_and_report(cfg) -> None:
+    """Train; rank 0 prints the summary (and, on one process with the embedded data, the exact match)."""
+    from .model import EMBEDDED
+    from .train import TrainLoop
+
     loop = TrainLoop(cfg)
     records = loop.train()
+    if loop.rank != 0:
+        return
     first = next((r for r in records if "eval_loss" in r), None)
     last = next((r for r in reversed(records) if "eval_loss" in r), None)
     train_losses = [r["loss"] for r in records if "loss" in r]
@@ -111,10 +125,78 @@ def _train(args: argparse.Namespace) -> int:
         print(f"train loss: {sum(train_losses[:k]) / k:.4f} (first {k} steps) -> {sum(train_losses[-k:]) / k:.4f} (last {k})")
     if first is not None and last is not None and first is not last:
         print(f"held-out loss: {first['eval_loss']:.4f} (untrained adapter) -> {last['eval_loss']:.4f} (trained)")
-    if cfg.dataset == EMBEDDED:
+    if cfg.dataset == EMBEDDED and loop.world == 1:
         _embedded_exact_match(loop, cfg)
     print(f"adapter, metrics.jsonl and loss.png in {cfg.output_dir}")
+
+
+def _launch_workers(cfg) -> int:
+    """Start cfg.nproc training processes on this host (one per GPU, or gloo on CPU) and wait for them."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    if torch.cuda.is_available() and cfg.nproc > torch.cuda.device_count():
+        from .train import TrainError
+
+        raise TrainError(f"--nproc {cfg.nproc} but this machine has {torch.cuda.device_count()} GPU(s): lower --nproc")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # a worker that fails makes spawn stop the others and raise here: no rank is left waiting on it
+    try:
+        mp.spawn(_worker, args=(cfg, port), nprocs=cfg.nproc, join=True)
+    except mp.ProcessRaisedException as e:
+        last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
+        print(f"qlora-fsdp train: error: a worker failed, the run stopped: {last.strip()}", file=sys.stderr)
+        return 2
+    except mp.ProcessExitedException as e:
+        print(f"qlora-fsdp train: error: a worker died ({e}); the run stopped: resume it with --resume", file=sys.stderr)
+        return 2
     return 0
+
+
+def _worker(rank: int, cfg, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg.nproc), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    with _process_group(cfg):
+        _train_and_report(cfg)
+
+
+class _process_group:
+    """init_process_group from torchrun-style environment variables (NCCL on GPUs, gloo on CPU); yields the rank."""
+
+    def __init__(self, cfg):
+        self.cfg, self.active = cfg, int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+    def __enter__(self) -> int:
+        if not self.active:
+            return 0
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            if not dist.is_nccl_available():
+                from .train import TrainError
+
+                raise TrainError("NCCL is not available in this torch build: install a CUDA build of torch")
+            torch.cuda.set_device(local)
+            self.cfg.device = f"cuda:{local}"
+        else:
+            self.cfg.device = "cpu"
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=10))  # fmt: skip
+        return dist.get_rank()
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _embedded_exact_match(loop, cfg, n: int = 60) -> None:

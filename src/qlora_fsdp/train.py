@@ -67,6 +67,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     activation_checkpointing: bool = False
+    # FSDP2 (several processes)
+    nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
+    fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction
+    cpu_offload: bool = False  # CPUOffloadPolicy: sharded parameters, gradients and optimizer states on the host
     seed: int = 0
     # bookkeeping
     log_every: int = 1
@@ -185,7 +189,7 @@ class TrainLoop:
         if self.world > 1:
             from .parallel import apply_fsdp
 
-            apply_fsdp(self.model)
+            apply_fsdp(self.model, mp_policy=self._mp_policy(), offload_policy=self._offload_policy())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.world))
@@ -198,6 +202,20 @@ class TrainLoop:
         self.step = 0
         self.records: list[dict] = []
         self._stream = None
+
+    def _mp_policy(self):
+        if not self.cfg.fsdp_mixed_precision or self.dtype == torch.float32:
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+
+    def _offload_policy(self):
+        if not self.cfg.cpu_offload:
+            return None
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        return CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
 
     # -- batches ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:

@@ -28,21 +28,22 @@ def tiny_llama(path):
     return path
 
 
-def make_loop(out, grad_accum, model_dir):
+def make_loop(out, grad_accum, model_dir, **options):
     batches = [collate(synthetic_examples(n=48)[i : i + 4]) for i in range(0, 48, 4)]
-    cfg = TrainConfig(output_dir=str(out), max_steps=STEPS, precision="fp32", lr=5e-3, warmup_steps=2, progress=False,
-                      device="cpu", lora_r=4, lora_alpha=8, grad_accum=grad_accum)  # fmt: skip
+    options = {"precision": "fp32", **options}
+    cfg = TrainConfig(output_dir=str(out), max_steps=STEPS, lr=5e-3, warmup_steps=2, progress=False, device="cpu",
+                      lora_r=4, lora_alpha=8, grad_accum=grad_accum, **options)  # fmt: skip
     return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device="cpu"),
                      train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, options):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model")
+        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", **options)
         w = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         local = w.to_local()
         assert isinstance(local, NF4Tensor) and local.shape[0] == w.shape[0] // world
@@ -61,21 +62,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+OPTIONS = {
+    "fp32": {},
+    "activation_checkpointing": {"activation_checkpointing": True},
+    "cpu_offload": {"cpu_offload": True},
+    "bf16_mixed_precision": {"precision": "bf16", "fsdp_mixed_precision": True},
+}
+
+
 @pytest.mark.timeout(300)
-def test_two_ranks_equal_one_process(tmp_path):
-    world = 2
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_two_ranks_equal_one_process(tmp_path, name):
+    world, options = 2, OPTIONS[name]
     tiny_llama(tmp_path / "model")
-    mp.spawn(_worker, args=(world, free_port(), tmp_path), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), tmp_path, options), nprocs=world, join=True)
     got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
-    ref_loop = make_loop(tmp_path / "one", grad_accum=world, model_dir=tmp_path / "model")  # one process, the same global batches
+    # one process on the same global batches (bf16: autocast, LoRA weights fp32)
+    ref_loop = make_loop(tmp_path / "one", grad_accum=world, model_dir=tmp_path / "model",
+                         precision=options.get("precision", "fp32"))  # fmt: skip
     ref = ref_loop.train()
+    rtol = 1e-5 if options.get("precision", "fp32") == "fp32" else 1e-2
     losses = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731
-    torch.testing.assert_close(losses(got["records"], "loss"), losses(ref, "loss"), rtol=1e-5, atol=0)
-    torch.testing.assert_close(losses(got["records"], "eval_loss"), losses(ref, "eval_loss"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses(got["records"], "loss"), losses(ref, "loss"), rtol=rtol, atol=0)
+    torch.testing.assert_close(losses(got["records"], "eval_loss"), losses(ref, "eval_loss"), rtol=rtol, atol=0)
     ref_lora = ref_loop.lora_state_dict()
     assert got["lora"].keys() == ref_lora.keys()
     for k in ref_lora:
-        torch.testing.assert_close(got["lora"][k], ref_lora[k], rtol=1e-4, atol=1e-6)
+        if rtol < 1e-3:
+            torch.testing.assert_close(got["lora"][k], ref_lora[k], rtol=1e-4, atol=1e-6)
+        else:  # bf16: Adam turns rounding noise of tiny gradients into whole steps for a few elements
+            assert (got["lora"][k] - ref_lora[k]).norm() <= 0.05 * ref_lora[k].norm() + 1e-6, k
     w = ref_loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.nf4
     assert got["shard_bytes"] * world == w.data.numel() + w.absmax.numel()  # 1/N of the 4-bit bytes at rest
     assert (tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_cli_nproc_2_trains_and_writes_one_adapter(tmp_path, capsys):
+    import shutil
+
+    from qlora_fsdp.cli import main
+    from qlora_fsdp.model import embedded_model_dir
+
+    model = tiny_llama(tmp_path / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(embedded_model_dir() / f, model / f)
+    out = tmp_path / "run"
+    args = ["train", "--nproc", "2", "--model", str(model), "--max-steps", "3", "--precision", "fp32",
+            "--batch-size", "4", "--output-dir", str(out), "--eval-dataset", str(embedded_model_dir() / "eval.jsonl"),
+            "--eval-split", "train[:8]"]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # step 0 (eval) + 3 steps, written once
+
+
+def test_cli_nproc_refuses_unshardable_model(capsys):
+    from qlora_fsdp.cli import main
+
+    assert main(["train", "--nproc", "2", "--max-steps", "1"]) == 2  # the embedded model: 128x128 projections
+    assert "cannot be split into 2 row shards" in capsys.readouterr().err

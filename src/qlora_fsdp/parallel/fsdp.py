@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..model import decoder_layers
+from ..nf4 import NF4FormatError
 from ..nf4.sharding import check_shardable
 from ..nf4.tensor import NF4Tensor
 
@@ -24,8 +25,8 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
         if isinstance(p, NF4Tensor):
             try:
                 check_shardable(p.nf4, world)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+            except NF4FormatError as e:
+                raise NF4FormatError(f"{name}: {e}") from None
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if mesh is not None:
         kwargs["mesh"] = mesh
