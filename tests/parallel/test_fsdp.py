@@ -14,6 +14,8 @@ from qlora_fsdp.train import TrainConfig, TrainLoop
 from tests.test_train import ListBatches, collate, synthetic_examples
 
 STEPS = 6
+# on a machine with 2+ GPUs the same tests run over NCCL, one GPU a rank; elsewhere over gloo on the CPU
+ON_GPUS = torch.cuda.device_count() >= 2
 
 
 def tiny_llama(path):
@@ -31,9 +33,10 @@ def tiny_llama(path):
 def make_loop(out, grad_accum, model_dir, **options):
     batches = [collate(synthetic_examples(n=48)[i : i + 4]) for i in range(0, 48, 4)]
     options = {"precision": "fp32", **options}
-    cfg = TrainConfig(output_dir=str(out), max_steps=STEPS, lr=5e-3, warmup_steps=2, progress=False, device="cpu",
+    device = options.pop("device", "cpu")
+    cfg = TrainConfig(output_dir=str(out), max_steps=STEPS, lr=5e-3, warmup_steps=2, progress=False, device=device,
                       lora_r=4, lora_alpha=8, grad_accum=grad_accum, **options)  # fmt: skip
-    return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device="cpu"),
+    return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device=device),
                      train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
 
 
@@ -41,19 +44,26 @@ def _worker(rank, world, port, out, options):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if ON_GPUS:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if ON_GPUS else "gloo", rank=rank, world_size=world)
     try:
-        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", **options)
+        device = f"cuda:{rank}" if ON_GPUS else "cpu"
+        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", device=device, **options)
         w = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         local = w.to_local()
         assert isinstance(local, NF4Tensor) and local.shape[0] == w.shape[0] // world
         shard_bytes = local.nf4.data.numel() + local.nf4.absmax.numel()
+        assert local.nf4.data.device.type == ("cpu" if options.get("cpu_offload") or not ON_GPUS else "cuda")
         records = loop.train()
-        lora = loop.lora_state_dict()
+        lora = loop.lora_state_dict()  # on CPU
         if rank == 0:
             torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes}, out / "fsdp.pt")
     finally:
         dist.destroy_process_group()
+    # skip interpreter teardown: a gloo worker thread sometimes aborts it ("terminate called without an active
+    # exception", SIGABRT) after all work is done and written (seen with torch 2.13 on CPU)
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -79,7 +89,7 @@ def test_two_ranks_equal_one_process(tmp_path, name):
     got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     # one process on the same global batches (bf16: autocast, LoRA weights fp32)
     ref_loop = make_loop(tmp_path / "one", grad_accum=world, model_dir=tmp_path / "model",
-                         precision=options.get("precision", "fp32"))  # fmt: skip
+                         precision=options.get("precision", "fp32"), device="cuda:0" if ON_GPUS else "cpu")  # fmt: skip
     ref = ref_loop.train()
     rtol = 1e-5 if options.get("precision", "fp32") == "fp32" else 1e-2
     losses = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731
