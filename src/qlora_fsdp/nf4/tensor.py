@@ -166,6 +166,14 @@ def _as_strided(t: NF4Tensor, size, stride, storage_offset=None) -> NF4Tensor:
     return t._map_inner(lambda x: x)
 
 
+def _is_pinned(t: NF4Tensor, device=None) -> bool:
+    return t.nf4.data.is_pinned()
+
+
+def _pin_memory(t: NF4Tensor, device=None) -> NF4Tensor:
+    return t._map_inner(lambda x: x.pin_memory())
+
+
 def _detach(t: NF4Tensor) -> NF4Tensor:
     return t._map_inner(lambda x: x.detach())
 
@@ -211,6 +219,8 @@ _HANDLERS = {
     aten.new_zeros.default: _new_zeros,
     aten.view.default: _view,
     aten.as_strided.default: _as_strided,
+    aten.is_pinned.default: _is_pinned,
+    aten._pin_memory.default: _pin_memory,
     aten._unsafe_view.default: _view,
 }
 
