@@ -193,8 +193,9 @@ class _process_group:
             self.cfg.device = f"cuda:{local}"
         else:
             self.cfg.device = "cpu"
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(minutes=10))  # fmt: skip
+        # NCCL for GPU tensors, gloo for CPU ones (CPU offload: the gradient norm is reduced on the host)
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
         return dist.get_rank()
 
     def __exit__(self, *exc) -> None:

@@ -46,7 +46,7 @@ def _worker(rank, world, port, out, options):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if ON_GPUS:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if ON_GPUS else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("cuda:nccl,cpu:gloo" if ON_GPUS else "gloo", rank=rank, world_size=world)
     try:
         device = f"cuda:{rank}" if ON_GPUS else "cpu"
         loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", device=device, **options)
