@@ -353,6 +353,8 @@ class TrainLoop:
     def train(self, stop_at: int | None = None) -> list[dict]:
         """Run to the end (or stop after step `stop_at` as if interrupted: no final save)."""
         cfg = self.cfg
+        if cfg.resume and self.world > 1:
+            raise TrainError("--resume with several processes is not supported yet: resume on one process")
         if cfg.resume and (ckpt := latest_checkpoint(self.out)) is not None:
             self.load_checkpoint(ckpt)
             print(f"resumed from {ckpt} at step {self.step}")
