@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**given)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_workers(cfg)
-    with _process_group(cfg):
+    with _ProcessGroup(cfg):
         _train_and_report(cfg)
     return 0
 
@@ -160,7 +160,7 @@ def _launch_workers(cfg) -> int:
 def _worker(rank: int, cfg, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg.nproc), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
-    with _process_group(cfg):
+    with _ProcessGroup(cfg):
         _train_and_report(cfg)
     # skip interpreter teardown, where a gloo thread sometimes aborts the process after all work is done and
     # written (torch 2.13, CPU): the run would be reported as failed
@@ -169,7 +169,7 @@ def _worker(rank: int, cfg, port: int) -> None:
     os._exit(0)
 
 
-class _process_group:
+class _ProcessGroup:
     """init_process_group from torchrun-style environment variables (NCCL on GPUs, gloo on CPU); yields the rank."""
 
     def __init__(self, cfg):

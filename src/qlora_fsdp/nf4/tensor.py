@@ -8,7 +8,9 @@ path that dequantizes for its matmul and again in backward, and yields an input 
 
 Supported tensor operations are the few a frozen weight meets: detach/alias, `.to(device)` (moves the
 bytes and statistics), `.to(dtype)` (changes the compute dtype only: statistics are never cast), clone,
-and `dequantize()`. Anything else raises one line that says to dequantize first.
+`dequantize()`, and what FSDP2 does to shard it: splits and slices along whole rows, zero padding, flat
+views, copies, pinning, plus its all-gather extension (`fsdp_pre_all_gather` / `fsdp_post_all_gather`, which
+gather the shard's uint8 bytes, see sharding.py). Anything else raises one line that says to dequantize first.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .format import FLOAT_DTYPES, NF4Weight
-from .sharding import check_shardable, from_gathered, gather_inputs, row_slice
+from .sharding import from_gathered, gather_inputs, row_slice
 from .reference import dequantize_reference
 from .triton_dequant import dequantize_nf4
 
