@@ -301,28 +301,55 @@ class TrainLoop:
         return x
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
+    # Checkpoints: `checkpoint-<step>/` holds the adapter in PEFT format (for users), `dcp/` with the LoRA weights
+    # and AdamW states written by torch.distributed.checkpoint (sharded under FSDP2, and loadable on any number of
+    # ranks: the base is never in it), and `trainer_state.pt` (step, scheduler, scaler, RNG, data position,
+    # metrics). Written into `checkpoint-<step>.tmp` and renamed when whole.
+    def _trainable_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        lora = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"lora": lora, "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def _barrier(self) -> None:
         if self.world > 1:
-            return None  # sharded checkpoints (torch.distributed.checkpoint) are not written yet
-        final = self.out / f"checkpoint-{self.step}"
-        with atomic_dir(final) as tmp:
-            self.model.save_pretrained(tmp)
+            torch.distributed.barrier()
+
+    def save_checkpoint(self) -> Path:
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
+        final, tmp = self.out / f"checkpoint-{self.step}", self.out / f"checkpoint-{self.step}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        dcp.save(self._trainable_state(), checkpoint_id=str(tmp / "dcp"))
+        lora = self.lora_state_dict() if self.world > 1 else None  # a collective under FSDP
+        if self.rank == 0:
+            self.model.save_pretrained(tmp, state_dict=lora)
             state = {
-                "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(), "data": self.batches.state_dict(),
-                "records": self.records, "config": asdict(self.cfg),
+                "step": self.step, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng_state(), "data": self.batches.state_dict(), "records": self.records,
+                "config": asdict(self.cfg), "world_size": self.world,
             }  # fmt: skip
             torch.save(state, tmp / "trainer_state.pt")
-        prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+            with atomic_dir(final) as staging:  # replace a same-named older checkpoint whole
+                staging.rmdir()
+                tmp.rename(staging)
+            prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        self._barrier()
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
-        set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors", device=str(self.device)))
-        self.optimizer.load_state_dict(state["optimizer"])
+        trainable = self._trainable_state()
+        dcp.load(trainable, checkpoint_id=str(path / "dcp"))  # LoRA weights in place, resharded to this world size
+        set_optimizer_state_dict(self.model, self.optimizer, trainable["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
@@ -353,8 +380,6 @@ class TrainLoop:
     def train(self, stop_at: int | None = None) -> list[dict]:
         """Run to the end (or stop after step `stop_at` as if interrupted: no final save)."""
         cfg = self.cfg
-        if cfg.resume and self.world > 1:
-            raise TrainError("--resume with several processes is not supported yet: resume on one process")
         if cfg.resume and (ckpt := latest_checkpoint(self.out)) is not None:
             self.load_checkpoint(ckpt)
             print(f"resumed from {ckpt} at step {self.step}")

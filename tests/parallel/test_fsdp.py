@@ -131,3 +131,44 @@ def test_cli_nproc_refuses_unshardable_model(capsys):
 
     assert main(["train", "--nproc", "2", "--max-steps", "1"]) == 2  # the embedded model: 128x128 projections
     assert "cannot be split into 2 row shards" in capsys.readouterr().err
+
+
+def _resume_worker(rank, world, port, out, run_dir, stop_at, resume):
+    """A 2-rank run in run_dir: trained until stop_at (checkpoints every 3 steps), or resumed to the end."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if ON_GPUS:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("cuda:nccl,cpu:gloo" if ON_GPUS else "gloo", rank=rank, world_size=world)
+    try:
+        device = f"cuda:{rank}" if ON_GPUS else "cpu"
+        loop = make_loop(run_dir, grad_accum=1, model_dir=out / "model", device=device, save_every=3, resume=resume)
+        records = loop.train(stop_at)
+        if rank == 0:
+            torch.save(records, run_dir / "records.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_saved_on_two_ranks_resumes_on_one_and_back(tmp_path):
+    """Sharded checkpoints (DCP) reshard: 2 ranks -> 1 process, and 1 process -> 2 ranks, on the same curve."""
+    world = 2
+    tiny_llama(tmp_path / "model")
+    one = lambda run_dir, **kw: make_loop(run_dir, grad_accum=world, model_dir=tmp_path / "model",  # noqa: E731
+                                          device="cuda:0" if ON_GPUS else "cpu", save_every=3, **kw)
+    full = [r["loss"] for r in one(tmp_path / "full").train() if "loss" in r]
+
+    a = tmp_path / "two_then_one"
+    mp.spawn(_resume_worker, args=(world, free_port(), tmp_path, a, 4, False), nprocs=world, join=True)
+    assert (a / "checkpoint-3" / "dcp").is_dir() and (a / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    resumed = [r["loss"] for r in one(a, resume=True).train() if "loss" in r]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=0)
+
+    b = tmp_path / "one_then_two"
+    one(b).train(stop_at=4)
+    mp.spawn(_resume_worker, args=(world, free_port(), tmp_path, b, None, True), nprocs=world, join=True)
+    resumed = [r["loss"] for r in torch.load(b / "records.pt", weights_only=False) if "loss" in r]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=0)
