@@ -266,6 +266,9 @@ class TrainLoop:
             total += loss.detach().double().cpu()
         total = self._sum_over_ranks(total)
         self.scaler.unscale_(self.optimizer)
+        if self.world > 1 and self.scaler.is_enabled():  # every rank skips the step if any rank saw inf/NaN
+            for found_inf in self.scaler._found_inf_per_device(self.optimizer).values():
+                torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)

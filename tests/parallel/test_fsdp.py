@@ -78,6 +78,7 @@ OPTIONS = {
     "activation_checkpointing": {"activation_checkpointing": True},
     "cpu_offload": {"cpu_offload": True},
     "bf16_mixed_precision": {"precision": "bf16", "fsdp_mixed_precision": True},
+    "fp16_mixed_precision": {"precision": "fp16", "fsdp_mixed_precision": True},  # with the gradient scaler
 }
 
 
