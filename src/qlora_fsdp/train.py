@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def add_lora(model, cfg: TrainConfig):
         target_modules=cfg.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
     try:
-        return peft.get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft asks transformers 5.2x for a deprecated flag; nothing for users to do
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return peft.get_peft_model(model, lora)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
@@ -328,7 +331,9 @@ class TrainLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        dcp.save(self._trainable_state(), checkpoint_id=str(tmp / "dcp"))
+        with warnings.catch_warnings():  # one process: DCP's "assuming ... a single process" is what we mean
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.save(self._trainable_state(), checkpoint_id=str(tmp / "dcp"))
         lora = self.lora_state_dict() if self.world > 1 else None  # a collective under FSDP
         if self.rank == 0:
             self.model.save_pretrained(tmp, state_dict=lora)
@@ -351,7 +356,9 @@ class TrainLoop:
 
         state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
         trainable = self._trainable_state()
-        dcp.load(trainable, checkpoint_id=str(path / "dcp"))  # LoRA weights in place, resharded to this world size
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(trainable, checkpoint_id=str(path / "dcp"))  # LoRA weights in place, resharded to this world size
         set_optimizer_state_dict(self.model, self.optimizer, trainable["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
