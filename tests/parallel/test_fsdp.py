@@ -41,15 +41,20 @@ def make_loop(out, grad_accum, model_dir, **options):
                      train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
 
 
-def _worker(rank, world, port, out, options):
+def _join(rank: int, world: int, port: int) -> str:
+    """Join the process group (NCCL + gloo on GPUs, gloo on CPU); the rank's device."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if ON_GPUS:
         torch.cuda.set_device(rank)
     dist.init_process_group("cuda:nccl,cpu:gloo" if ON_GPUS else "gloo", rank=rank, world_size=world)
+    return f"cuda:{rank}" if ON_GPUS else "cpu"
+
+
+def _worker(rank, world, port, out, options):
+    device = _join(rank, world, port)
     try:
-        device = f"cuda:{rank}" if ON_GPUS else "cpu"
         loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", device=device, **options)
         w = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         local = w.to_local()
@@ -61,7 +66,7 @@ def _worker(rank, world, port, out, options):
         if rank == 0:
             torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes}, out / "fsdp.pt")
     finally:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     # skip interpreter teardown: a gloo worker thread sometimes aborts it ("terminate called without an active
     # exception", SIGABRT) after all work is done and written (seen with torch 2.13 on CPU)
     os._exit(0)
@@ -139,20 +144,14 @@ def test_cli_nproc_refuses_unshardable_model(capsys):
 
 def _resume_worker(rank, world, port, out, run_dir, stop_at, resume):
     """A 2-rank run in run_dir: trained until stop_at (checkpoints every 3 steps), or resumed to the end."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if ON_GPUS:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("cuda:nccl,cpu:gloo" if ON_GPUS else "gloo", rank=rank, world_size=world)
+    device = _join(rank, world, port)
     try:
-        device = f"cuda:{rank}" if ON_GPUS else "cpu"
         loop = make_loop(run_dir, grad_accum=1, model_dir=out / "model", device=device, save_every=3, resume=resume)
         records = loop.train(stop_at)
         if rank == 0:
             torch.save(records, run_dir / "records.pt")
     finally:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     os._exit(0)
 
 
