@@ -114,9 +114,10 @@ class SequentialTrainerMixin:
 
 
 def hf_args(cls, tmp, **kw):
+    kw = {"save_strategy": "no", **kw}
     return cls(output_dir=str(tmp), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
                learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, report_to=[],
-               use_cpu=True, optim="adamw_torch", seed=0, save_strategy="no", dataloader_drop_last=True, **kw)  # fmt: skip
+               use_cpu=True, optim="adamw_torch", seed=0, dataloader_drop_last=True, **kw)  # fmt: skip
 
 
 def peft_model():

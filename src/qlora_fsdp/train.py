@@ -369,8 +369,9 @@ class TrainLoop:
 
     def lora_state_dict(self) -> dict:
         """The trainable (LoRA) weights, whole, on CPU; under FSDP gathered from the shards (never the base)."""
-        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-                for n, p in self.model.named_parameters() if p.requires_grad}  # fmt: skip
+        from .parallel.fsdp import full_lora_state_dict
+
+        return full_lora_state_dict(self.model)
 
     def save_final(self) -> None:
         lora = self.lora_state_dict() if self.world > 1 else None  # a collective: every rank takes part

@@ -38,3 +38,40 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` holds DTensor parameters (sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_lora_state_dict(model: nn.Module) -> dict:
+    """The trainable (LoRA) weights, whole, on CPU; under FSDP gathered from the shards (never the base).
+
+    A collective when the model is sharded: every rank must call it."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict) -> None:
+    """Copy whole tensors (every rank holds the same `state`, keys = parameter names) into the model's parameters,
+    each rank keeping its shard of a sharded one. Raises on an unknown name or a shape mismatch."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    params = dict(model.named_parameters())
+    for name, full in state.items():
+        if name not in params:
+            raise KeyError(f"{name}: no such parameter in the model")
+        p = params[name]
+        if tuple(full.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shape {tuple(full.shape)} in the file, {tuple(p.shape)} in the model")
+        if isinstance(p, DTensor):  # this rank's block of the whole tensor, no communication
+            shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
+            block = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            p.to_local().copy_(block)
+        else:
+            p.copy_(full)
