@@ -15,7 +15,8 @@ one process with batch B and N accumulation steps.
 
 Precision: `bf16=True` / `fp16=True` become FSDP2's `MixedPrecisionPolicy` (parameters cast to the half dtype for
 compute, gradients reduced in fp32), as in our own loop; accelerate's autocast is not applied to a prepared model.
-With fp16, ranks agree on skipping a step when any rank's gradients overflow.
+With fp16, ranks agree on skipping a step when any rank's gradient shard overflows (DTensor all-reduces the
+scaler's found-inf flag).
 
 `ShardedTrainerMixin` makes saving a collective: `save_model` gathers the LoRA weights (never the base) on every
 rank and rank 0 writes the PEFT files; checkpoints keep the optimizer state sharded with
@@ -56,12 +57,6 @@ def shard_for_trainer(model: nn.Module, args, *, cpu_offload: bool = False) -> n
 
 class ShardedTrainerMixin:
     """Collective saving and sharded optimizer checkpoints for a model sharded by `shard_for_trainer`."""
-
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and is_sharded(self.model):
-            _sync_found_inf_across_ranks(scaler)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         if not is_sharded(self.model):
@@ -114,18 +109,6 @@ def _peft_keys_to_model(model: nn.Module, saved: dict) -> dict:
     if missing:
         raise ValueError(f"the adapter file lacks {len(missing)} trained weights, e.g. {missing[0]}")
     return {names[k]: v for k, v in saved.items() if k in names}
-
-
-def _sync_found_inf_across_ranks(scaler) -> None:
-    """Make GradScaler.unscale_ all-reduce its found-inf flags, so every rank skips (or takes) the same steps."""
-    unscale = scaler.unscale_
-
-    def unscale_and_agree(optimizer):
-        unscale(optimizer)
-        for found_inf in scaler._found_inf_per_device(optimizer).values():
-            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
-
-    scaler.unscale_ = unscale_and_agree
 
 
 def _trainer_classes():

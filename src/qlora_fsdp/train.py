@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_checkpoints
+from .parallel.fsdp import set_accumulating
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -263,15 +264,17 @@ class TrainLoop:
         if n_tokens == 0:
             raise TrainError("a step without any label token: check --completion-only and the dataset fields")
         total = torch.zeros((), dtype=torch.float64)
-        for b in batches[self.rank :: self.world]:
+        mine = batches[self.rank :: self.world]
+        for i, b in enumerate(mine):
+            if self.world > 1:  # FSDP2: reduce-scatter and reshard once, after the step's last microbatch
+                set_accumulating(self.model, i < len(mine) - 1)
             loss = self._forward_loss_sum(self._to_device(b)) / n_tokens
             self.scaler.scale(loss * self.world).backward()
             total += loss.detach().double().cpu()
         total = self._sum_over_ranks(total)
+        # fp16 under FSDP2: the gradients are DTensors, and DTensor all-reduces unscale_'s found-inf flag, so every
+        # rank skips the step when any rank's shard overflowed (tests/parallel: test_fp16_overflow_on_one_rank...)
         self.scaler.unscale_(self.optimizer)
-        if self.world > 1 and self.scaler.is_enabled():  # every rank skips the step if any rank saw inf/NaN
-            for found_inf in self.scaler._found_inf_per_device(self.optimizer).values():
-                torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)

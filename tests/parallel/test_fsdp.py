@@ -55,7 +55,12 @@ def _join(rank: int, world: int, port: int) -> str:
 def _worker(rank, world, port, out, options):
     device = _join(rank, world, port)
     try:
-        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", device=device, **options)
+        options = dict(options)
+        accum = options.pop("grad_accum", 1)
+        loop = make_loop(out / "fsdp", grad_accum=accum, model_dir=out / "model", device=device, **options)
+        reduced_before = []  # per microbatch: did a sharded (reduced) LoRA gradient exist when it started?
+        forward = loop._forward_loss_sum
+        loop._forward_loss_sum = lambda b: reduced_before.append(any(p.grad is not None for p in loop.params)) or forward(b)
         w = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         local = w.to_local()
         assert isinstance(local, NF4Tensor) and local.shape[0] == w.shape[0] // world, (local.shape, w.shape)
@@ -64,7 +69,8 @@ def _worker(rank, world, port, out, options):
         records = loop.train()
         lora = loop.lora_state_dict()  # on CPU
         if rank == 0:
-            torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes}, out / "fsdp.pt")
+            torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes, "reduced_before": reduced_before},
+                       out / "fsdp.pt")  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
     # skip interpreter teardown: a gloo worker thread sometimes aborts it ("terminate called without an active
@@ -84,6 +90,7 @@ OPTIONS = {
     "cpu_offload": {"cpu_offload": True},
     "bf16_mixed_precision": {"precision": "bf16", "fsdp_mixed_precision": True},
     "fp16_mixed_precision": {"precision": "fp16", "fsdp_mixed_precision": True},  # with the gradient scaler
+    "grad_accum_2": {"grad_accum": 2},  # 2 microbatches a rank per step: one reduce-scatter, after the second
 }
 
 
@@ -97,7 +104,10 @@ def test_n_ranks_equal_one_process(tmp_path, name):
     mp.spawn(_worker, args=(world, free_port(), tmp_path, options), nprocs=world, join=True)
     got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     # one process on the same global batches (bf16: autocast, LoRA weights fp32)
-    ref_loop = make_loop(tmp_path / "one", grad_accum=world, model_dir=tmp_path / "model",
+    accum = options.get("grad_accum", 1)
+    if accum > 1:  # no gradient was reduced before a step's last microbatch (evaluation forwards are not traced)
+        assert got["reduced_before"][: 2 * STEPS] == [False, False] * STEPS
+    ref_loop = make_loop(tmp_path / "one", grad_accum=world * accum, model_dir=tmp_path / "model",
                          precision=options.get("precision", "fp32"), device="cuda:0" if ON_GPUS else "cpu")  # fmt: skip
     ref = ref_loop.train()
     rtol = 1e-5 if options.get("precision", "fp32") == "fp32" else 1e-2
@@ -142,11 +152,12 @@ def test_cli_nproc_refuses_unshardable_model(capsys):
     assert "cannot be split into 2 row shards" in capsys.readouterr().err
 
 
-def _resume_worker(rank, world, port, out, run_dir, stop_at, resume):
-    """A 2-rank run in run_dir: trained until stop_at (checkpoints every 3 steps), or resumed to the end."""
+def _resume_worker(rank, world, port, out, run_dir, stop_at, resume, grad_accum=1):
+    """A run on `world` ranks in run_dir: trained until stop_at (checkpoints every 3 steps), or resumed to the end."""
     device = _join(rank, world, port)
     try:
-        loop = make_loop(run_dir, grad_accum=1, model_dir=out / "model", device=device, save_every=3, resume=resume)
+        loop = make_loop(run_dir, grad_accum=grad_accum, model_dir=out / "model", device=device, save_every=3,
+                         resume=resume)  # fmt: skip
         records = loop.train(stop_at)
         if rank == 0:
             torch.save(records, run_dir / "records.pt")
@@ -175,3 +186,102 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_one_and_back(tmp_path):
     mp.spawn(_resume_worker, args=(world, free_port(), tmp_path, b, None, True), nprocs=world, join=True)
     resumed = [r["loss"] for r in torch.load(b / "records.pt", weights_only=False) if "loss" in r]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=0)
+
+
+def _overflow_worker(rank, world, port, out):
+    """fp16 on 2 ranks; at step 3 rank 1 alone finds an inf in its gradient shard: both ranks must skip the step."""
+    device = _join(rank, world, port)
+    try:
+        loop = make_loop(out / "fsdp", grad_accum=1, model_dir=out / "model", device=device, precision="fp16")
+        unscale = loop.scaler.unscale_
+
+        def unscale_with_overflow(optimizer):
+            if rank == 1 and loop.step == 2:  # during step 3: poison one element of this rank's shard only
+                p = next(p for p in loop.params if p.grad is not None and p.grad.to_local().numel())
+                p.grad.to_local().view(-1)[0] = float("inf")
+            unscale(optimizer)
+
+        loop.scaler.unscale_ = unscale_with_overflow
+        seen = []
+        for _ in range(3):
+            before, scale = loop.lora_state_dict(), loop.scaler.get_scale()
+            loop.train_step()
+            after = loop.lora_state_dict()
+            seen.append((all(torch.equal(before[k], after[k]) for k in before), loop.scaler.get_scale() / scale))
+        torch.save(seen, out / f"seen{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.timeout(300)
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all(tmp_path):
+    tiny_llama(tmp_path / "model")
+    mp.spawn(_overflow_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        unchanged, scale_factor = zip(*torch.load(tmp_path / f"seen{rank}.pt"))
+        assert unchanged[1:] == (False, True), rank  # step 2 updates the LoRA weights (step 1 has lr 0: warmup)
+        assert scale_factor == (1.0, 1.0, 0.5), rank  # no overflow until step 3, which every rank skips
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("saved_on, resumed_on", [(4, 2), (2, 4)])
+def test_checkpoint_resumes_on_another_number_of_ranks(tmp_path, saved_on, resumed_on):
+    """A run saved (DCP) on `saved_on` ranks and resumed on `resumed_on` follows the one-process curve."""
+    if ON_GPUS and max(saved_on, resumed_on) > torch.cuda.device_count():
+        pytest.skip("needs 4 GPUs here")
+    tiny_llama(tmp_path / "model", hidden=512)  # shardable on 4 ranks
+    full = make_loop(tmp_path / "full", grad_accum=4, model_dir=tmp_path / "model",
+                     device="cuda:0" if ON_GPUS else "cpu").train()  # fmt: skip
+    run = tmp_path / "run"
+    # the same global batch on both: 4 batches per step = 4 ranks x 1 or 2 ranks x 2 accumulation steps
+    mp.spawn(_resume_worker, args=(saved_on, free_port(), tmp_path, run, 4, False, 4 // saved_on), nprocs=saved_on)
+    assert (run / "checkpoint-3" / "trainer_state.pt").is_file()
+    mp.spawn(_resume_worker, args=(resumed_on, free_port(), tmp_path, run, None, True, 4 // resumed_on), nprocs=resumed_on)
+    resumed = [r["loss"] for r in torch.load(run / "records.pt", weights_only=False) if "loss" in r]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor([r["loss"] for r in full if "loss" in r]), rtol=1e-5, atol=0)
+
+
+def _dying_worker(rank, cfg, port):
+    """The CLI's worker, except that rank 1 dies (as if killed) during step 3."""
+    from qlora_fsdp import cli
+    from qlora_fsdp.train import TrainLoop
+
+    step = TrainLoop.train_step
+
+    def train_step(self):
+        if self.rank == 1 and self.step == 2:
+            os._exit(1)
+        return step(self)
+
+    TrainLoop.train_step = train_step
+    cli._worker(rank, cfg, port)
+
+
+@pytest.mark.timeout(300)
+def test_dead_worker_stops_the_run_and_it_resumes(tmp_path, capfd, monkeypatch):
+    import json
+    import shutil
+    import time
+
+    from qlora_fsdp import cli
+    from qlora_fsdp.model import embedded_model_dir
+
+    model = tiny_llama(tmp_path / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(embedded_model_dir() / f, model / f)
+    out = tmp_path / "run"
+    args = ["train", "--nproc", "2", "--model", str(model), "--max-steps", "4", "--save-every", "2", "--precision",
+            "fp32", "--batch-size", "4", "--output-dir", str(out), "--eval-split", "train[:8]",
+            "--eval-dataset", str(embedded_model_dir() / "eval.jsonl")]  # fmt: skip
+    monkeypatch.setattr(cli, "_worker", _dying_worker)
+    start = time.monotonic()
+    assert cli.main(args) == 2
+    assert time.monotonic() - start < 60  # no hang: the surviving rank is stopped
+    assert "a worker died" in capfd.readouterr().err
+    assert (out / "checkpoint-2" / "trainer_state.pt").is_file() and not (out / "adapter").exists()
+    monkeypatch.undo()
+    assert cli.main(args + ["--resume"]) == 0
+    assert "resumed from" in capfd.readouterr().out  # the workers write to the inherited stdout
+    steps = [json.loads(x).get("step") for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]

@@ -75,3 +75,14 @@ def load_full_state_dict(model: nn.Module, state: dict) -> None:
             p.to_local().copy_(block)
         else:
             p.copy_(full)
+
+
+def set_accumulating(model: nn.Module, accumulating: bool) -> None:
+    """Gradient accumulation under FSDP2: while `accumulating` (every microbatch but a step's last), keep gradients
+    unsharded and unreduced and the (4-bit) parameters gathered after backward, so the next microbatch neither
+    re-gathers them nor reduce-scatters partial gradients; the last microbatch reduces once and reshards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(not accumulating)
+        model.set_reshard_after_backward(not accumulating)
