@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One device-machine session. Usage (on the device, repo root):
 #   PARTS="tests dequant train" bash benchmarks/gpu_session.sh [pytest-args...]
-#     tests    the GPU tests (tests/nf4, tests/test_gpu_training.py) plus anything in pytest-args
-#     dequant  benchmarks/dequant.py ($DEQUANT_ARGS, default --sweep)
-#     train    the embedded default `qlora-fsdp train` on the GPU in bf16, timed
+#     tests       the GPU tests (tests/nf4, tests/test_gpu_training.py) plus anything in pytest-args
+#     parallel    tests/parallel: FSDP2 over NCCL when the machine has 2+ GPUs (the Trainer tests stay on gloo)
+#     dequant     benchmarks/dequant.py ($DEQUANT_ARGS, default --sweep)
+#     train       the embedded default `qlora-fsdp train` on the GPU in bf16, timed
+#     train_step  benchmarks/train_step.py $TRAIN_STEP_ARGS: ours vs transformers + peft + bitsandbytes, 8B shape
+#     multi_gpu   benchmarks/multi_gpu.py $MULTI_GPU_ARGS: FSDP2 on 2 GPUs vs 1, 8B shape
 # Expects bitsandbytes, datasets, dill, multiprocess and trl unpacked under .device/site (see README, "GPU runs").
 set -u
-export PYTHONPATH="$PWD/src:$PWD/.device/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PYTHONPATH="$PWD/src:$PWD/.device/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export QLORA_RESULTS="$OUT/results.jsonl"
 PARTS="${PARTS:-tests dequant}"
@@ -15,10 +18,19 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 case " $PARTS " in *" tests "*)
     python3 -m pytest -q tests/nf4 tests/test_gpu_training.py -p no:cacheprovider -rf "$@" 2>&1 | tail -40 | tee "$OUT/tests.log";;
 esac
+case " $PARTS " in *" parallel "*)
+    python3 -m pytest -q tests/parallel -p no:cacheprovider -rf --durations=5 2>&1 | grep -v "it/s\]" | tail -40 | tee "$OUT/parallel.log";;
+esac
 case " $PARTS " in *" dequant "*)
     python3 benchmarks/dequant.py ${DEQUANT_ARGS:---sweep} 2>&1 | tee "$OUT/dequant.log";;
 esac
 case " $PARTS " in *" train "*)
     /usr/bin/time -v python3 -m qlora_fsdp train --precision bf16 --output-dir "$OUT/run" 2>&1 \
         | grep -v "it/s\]" | tail -25 | tee "$OUT/train.log";;
+esac
+case " $PARTS " in *" train_step "*)
+    python3 benchmarks/train_step.py ${TRAIN_STEP_ARGS:-} 2>&1 | grep -v "it/s\]\|Warning\|warn(" | tail -60 | tee "$OUT/train_step.log";;
+esac
+case " $PARTS " in *" multi_gpu "*)
+    python3 benchmarks/multi_gpu.py ${MULTI_GPU_ARGS:-} 2>&1 | grep -v "it/s\]\|Warning\|warn(" | tail -60 | tee "$OUT/multi_gpu.log";;
 esac

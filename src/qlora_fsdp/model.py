@@ -242,3 +242,32 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if isinstance(param, NF4Tensor):
             _set_parameter(model, name, param.dequantize(dtype or param.dtype))
     return model
+
+
+def random_model(config, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+                 std: float = 0.02, seed: int = 0, attn_implementation: str = "sdpa"):  # fmt: skip
+    """A causal LM of `config`'s shape with random N(0, std) weights (norms 1), its decoder linears quantized to NF4
+    one at a time on `device`: no 16-bit copy of the model is ever whole and nothing is downloaded. The benchmark
+    model (e.g. the Llama-3.1-8B shape); the same seed, device and dtype give the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    targets = quantizable_linears(model)
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        if p.ndim == 1:  # norms (and biases: zero)
+            value = torch.ones(p.shape, dtype=dtype, device=device) if "norm" in name else torch.zeros_like(p, device=device)
+        else:
+            value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+            if name in targets:
+                value = NF4Tensor(quantize_nf4(value), dtype)
+        _set_parameter(model, name, value)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model

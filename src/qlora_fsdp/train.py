@@ -69,6 +69,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     # FSDP2 (several processes)
     nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
     fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction

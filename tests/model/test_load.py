@@ -106,3 +106,19 @@ def test_errors(tmp_path, checkpoints):
     (empty / "config.json").write_text((tmp / "bf16" / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="no model.safetensors"):
         load_model(empty, device="cpu")
+
+
+def test_random_model_has_the_shape_nf4_linears_and_is_reproducible():
+    import transformers
+
+    from qlora_fsdp.model import random_model
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    a, b = (random_model(config, dtype=torch.float32, device="cpu", seed=3) for _ in range(2))
+    w = a.model.layers[1].mlp.down_proj.weight
+    assert isinstance(w, NF4Tensor) and tuple(w.shape) == (128, 256)
+    assert torch.equal(a.model.norm.weight, torch.ones(128)) and not a.lm_head.weight.requires_grad
+    assert 0.015 < w.dequantize().std() < 0.025  # N(0, 0.02) up to quantization
+    ids = torch.randint(0, 100, (2, 9))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)

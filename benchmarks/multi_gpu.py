@@ -1,0 +1,278 @@
+"""FSDP2 on several GPUs, Llama-3.1-8B shape with random weights (nothing downloaded), against one GPU.
+
+    python benchmarks/multi_gpu.py [--gpus 2] [--steps 30] [--seq 2048] [--parts losses,offload,allgather,sft]
+
+losses     `--steps` QLoRA steps (r=16 on all 7 projections, activation checkpointing) on 1 GPU and with FSDP2 on
+           `--gpus` GPUs, bf16 and fp16, the same global batch (--gpus microbatches of 1 x --seq per step: one a
+           rank, or all of them accumulated on one GPU) and seed: per-step losses and their differences; per-GPU
+           peak memory and tokens/s (steady state: steps 5 to the end).
+offload    the same with CPUOffloadPolicy on `--gpus` GPUs (10 steps): peak memory and tokens/s.
+allgather  the bytes one decoder layer's all-gather moves, against its NF4 bytes and its bf16 size.
+sft        TRL's SFTTrainer with `shard_for_trainer` on `--gpus` GPUs vs 1 GPU (5 steps, bf16): per-step losses.
+Prints a table per part and appends JSON lines to benchmarks/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import append_results, environment  # noqa: E402
+
+
+def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Batches of 1 x seq: a random first half, the second half repeating it (labelled): a task LoRA can learn."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        half = torch.randint(0, vocab, (1, seq // 2), generator=g)
+        ids = torch.cat([half, half], 1)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+class Batches:
+    """A fixed list of batches, in order (the loop's resumable batch source)."""
+
+    def __init__(self, batches):
+        self.batches, self.pos = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+def model_config(name: str):
+    from qlora_fsdp.parallel.memory import llama_3_1_8b_config
+
+    if name == "tiny":  # a CPU smoke test of the script (gloo)
+        import transformers
+
+        return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return llama_3_1_8b_config()
+
+
+def _join(rank: int, world: int, port: int) -> str:
+    """Join the process group (NCCL + gloo on GPUs, gloo on CPU); this rank's device."""
+    import datetime
+
+    import torch.distributed as dist
+
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(rank)
+    if world > 1:  # (on one process no torchrun variables: accelerate would take it for a distributed run)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))  # fmt: skip
+        dist.init_process_group("cuda:nccl,cpu:gloo" if gpu else "gloo", timeout=datetime.timedelta(minutes=5))
+    return f"cuda:{rank}" if gpu else "cpu"
+
+
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+
+
+def _train_worker(rank, world, port, args, precision, offload, steps, out):
+    from qlora_fsdp.model import random_model
+    from qlora_fsdp.train import TrainConfig, TrainLoop
+
+    device = _join(rank, world, port)
+    config = model_config(args.config)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    model = random_model(config, dtype=dtype, device=device, seed=0)
+    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision=precision, activation_checkpointing=True, lora_r=16,
+                      lora_alpha=32, lr=2e-4, warmup_steps=5, max_steps=steps, grad_accum=args.gpus // world,
+                      cpu_offload=offload, progress=False, device=device, seed=0)  # fmt: skip
+    batches = copy_task_batches(steps * args.gpus, args.seq, config.vocab_size)
+    loop = TrainLoop(cfg, model=model, train_batches=Batches(batches))
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    records = [r for r in loop.train() if "loss" in r]
+    result = {"records": records, "peak_gb": _peak_gb()}
+    if args.allgather and world > 1 and precision == "bf16" and not offload:
+        result["allgather"] = _layer_allgather_bytes(loop, batches[0])
+    torch.save(result, out / f"rank{rank}.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def _layer_allgather_bytes(loop, batch) -> dict:
+    """Bytes of the all-gathers in one forward (recorded at the collective), per decoder layer."""
+    import torch.distributed as dist
+
+    from qlora_fsdp.model import decoder_layers
+    from qlora_fsdp.nf4.tensor import NF4Tensor
+
+    sizes = []
+    patched = {}
+    for fn in ("all_gather_into_tensor", "all_gather_single"):
+        if hasattr(dist, fn):
+            orig = getattr(dist, fn)
+            patched[fn] = orig
+
+            def record(output_tensor, input_tensor, *a, _orig=orig, **kw):
+                sizes.append(output_tensor.numel() * output_tensor.element_size())
+                return _orig(output_tensor, input_tensor, *a, **kw)
+
+            setattr(dist, fn, record)
+    try:
+        with torch.no_grad(), torch.autocast(loop.device.type, dtype=torch.bfloat16):
+            loop.model(input_ids=batch["input_ids"].to(loop.device), use_cache=False)
+    finally:
+        for fn, orig in patched.items():
+            setattr(dist, fn, orig)
+    layer = decoder_layers(loop.model)[1]
+    nf4 = bf16 = lora = 0
+    for p in layer.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if isinstance(local, NF4Tensor):
+            w = local.nf4
+            nf4 += sum(t.numel() * t.element_size() for t in (w.data, w.absmax, w.nested_absmax) if t is not None)
+            bf16 += p.numel() * 2
+        else:
+            lora += local.numel() * local.element_size()
+    world = dist.get_world_size()
+    return {"recorded_per_allgather": sizes[:6], "layer_nf4_bytes": nf4 * world, "layer_lora_bytes": lora * world,
+            "layer_linears_bf16_bytes": bf16}  # fmt: skip
+
+
+def _sft_worker(rank, world, port, args, out):
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    from qlora_fsdp.data import embedded_dataset
+    from qlora_fsdp.hf import QLoRASFTTrainer, shard_for_trainer
+    from qlora_fsdp.model import embedded_model_dir, random_model
+
+    device = _join(rank, world, port)
+    rows = [{"prompt": f"{e['instruction']} {e['input']}\n", "completion": e["output"]}
+            for e in embedded_dataset("train[:64]")]  # fmt: skip
+    sft_args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=args.gpus // world, max_steps=5, learning_rate=2e-4,
+                             logging_steps=1, report_to=[], bf16=True, seed=0, save_strategy="no", max_length=128,
+                             dataloader_drop_last=True, gradient_checkpointing=True,
+                             use_cpu=device == "cpu")  # fmt: skip
+    model = random_model(model_config(args.config), dtype=torch.bfloat16, device=device, seed=0)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                       task_type="CAUSAL_LM"))  # fmt: skip
+    shard_for_trainer(model, sft_args)
+
+    class InOrder(QLoRASFTTrainer):
+        def _get_train_sampler(self, *a, **kw):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    tok = transformers.AutoTokenizer.from_pretrained(embedded_model_dir())
+    trainer = InOrder(model=model, args=sft_args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    if rank == 0:
+        torch.save([h["loss"] for h in trainer.state.log_history if "loss" in h], out / "sft.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def spawn(fn, world, *args) -> Path:
+    out = Path(tempfile.mkdtemp())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(world, port, *args, out), nprocs=world, join=True)
+    return out
+
+
+def steady_tokens_per_s(records, skip: int = 5) -> float:
+    a, b = records[skip - 1], records[-1]
+    return sum(r["tokens"] for r in records[skip:]) / (b["elapsed_s"] - a["elapsed_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--parts", default="losses,offload,allgather,sft")
+    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    args = p.parse_args()
+    parts = set(args.parts.split(","))
+    args.allgather = "allgather" in parts
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
+        raise SystemExit(f"multi_gpu.py: --gpus {args.gpus} but {torch.cuda.device_count()} GPU(s) here")
+    env = {**environment(), "gpus": args.gpus}
+    rows = []
+    runs = []
+    if "losses" in parts or "allgather" in parts:
+        runs += [(prec, w, False, args.steps) for prec in ("bf16", "fp16") for w in (1, args.gpus)]
+    if "offload" in parts:
+        runs.append(("bf16", args.gpus, True, 10))
+    results = {}
+    for prec, world, offload, steps in runs:
+        out = spawn(_train_worker, world, args, prec, offload, steps)
+        ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        results[(prec, world, offload)] = ranks[0]
+        row = {"bench": "multi_gpu_train", "precision": prec, "world": world, "cpu_offload": offload,
+               "seq": args.seq, "steps": steps, "losses": [r["loss"] for r in ranks[0]["records"]],
+               "peak_gb_per_gpu": [r["peak_gb"] for r in ranks],
+               "tokens_per_s": steady_tokens_per_s(ranks[0]["records"])}  # fmt: skip
+        if "allgather" in ranks[0]:
+            row["allgather"] = ranks[0]["allgather"]
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "losses"}, flush=True)
+    if "sft" in parts:
+        sft = {w: torch.load(spawn(_sft_worker, w, args) / "sft.pt") for w in (1, args.gpus)}
+        rows.append({"bench": "multi_gpu_sft", "world": args.gpus, "losses_1gpu": sft[1], "losses_ngpu": sft[args.gpus]})
+    append_results([{**env, **r} for r in rows])
+
+    print(f"\n{env['gpu']} x {args.gpus}, torch {env['torch']}; Llama-3.1-8B shape, QLoRA r=16, 1 x {args.seq} a microbatch")
+    for prec in ("bf16", "fp16"):
+        one, many = results.get((prec, 1, False)), results.get((prec, args.gpus, False))
+        if one and many:
+            a = torch.tensor([r["loss"] for r in one["records"]])
+            b = torch.tensor([r["loss"] for r in many["records"]])
+            rel = ((a - b).abs() / a.abs()).max().item()
+            print(f"{prec}: loss {a[0]:.4f} -> {a[-1]:.4f} on 1 GPU, {b[0]:.4f} -> {b[-1]:.4f} on {args.gpus}; "
+                  f"max relative difference per step {rel:.2e}")  # fmt: skip
+    print(f"{'run':<26}{'tokens/s':>10}{'peak GB / GPU':>16}")
+    for r in rows:
+        if r["bench"] == "multi_gpu_train":
+            name = f"{r['precision']} {r['world']} GPU" + (" + CPU offload" if r["cpu_offload"] else "")
+            print(f"{name:<26}{r['tokens_per_s']:>10,.0f}{max(r['peak_gb_per_gpu']):>16.1f}")
+            if "allgather" in r:
+                ag = r["allgather"]
+                print(f"  all-gather of one decoder layer: recorded {ag['recorded_per_allgather'][:3]} bytes; its NF4 bytes "
+                      f"{ag['layer_nf4_bytes']:,} + LoRA {ag['layer_lora_bytes']:,}; bf16 linears would be "
+                      f"{ag['layer_linears_bf16_bytes']:,}")  # fmt: skip
+        else:
+            print(f"SFTTrainer losses, 1 GPU: {[round(x, 4) for x in r['losses_1gpu']]}")
+            print(f"SFTTrainer losses, {args.gpus} GPUs: {[round(x, 4) for x in r['losses_ngpu']]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""One QLoRA training step on the Llama-3.1-8B shape: ours against transformers + peft + bitsandbytes, same run.
+
+    python benchmarks/train_step.py [--shapes 1x2048,4x2048,1x8192] [--compile] [--longest] [--config tiny]
+
+Both models have the same random weights, quantized to NF4 on the GPU one linear at a time (nothing downloaded,
+no 16-bit model materialized); the baseline holds them in bitsandbytes `Linear4bit` modules (the modules
+transformers' bitsandbytes integration puts there), bit-identical to ours. Both: LoRA r=16, alpha 32 on all 7
+projections (peft), activation checkpointing, SDPA, AdamW, bf16 autocast, labels on every token. Ours is the
+`TrainLoop.train_step` a `qlora-fsdp train` run executes; the baseline is `model(input_ids, labels).loss.backward()`
++ `AdamW.step()`, what `Trainer` does per step.
+
+Per system and batch x sequence: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated over the timed steps,
+model included), the ratio to the baseline, and model-FLOPs utilisation:
+
+    FLOPs/token = 6 * N + 6 * L * T * d     N = parameters of the matmuls (decoder linears + lm_head)
+                                            6*L*T*d = causal attention (QK^T and PV), forward + backward
+    MFU = FLOPs/token * tokens/s / 989 TFLOP/s (H100/H200 dense bf16)
+
+--longest finds the longest sequence at batch 1 that fits, per system (doubling, then bisection to 1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import append_results, environment  # noqa: E402
+
+from qlora_fsdp.model import quantizable_linears, random_model  # noqa: E402
+from qlora_fsdp.parallel.memory import llama_3_1_8b_config  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script with --config tiny
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
+
+
+def reset_peak():
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def tiny_config():
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)  # fmt: skip
+
+
+def flops_per_token(config, seq: int) -> float:
+    model_params = config.num_hidden_layers * (
+        config.hidden_size * (config.hidden_size + 2 * config.num_key_value_heads * config.head_dim)  # q, k, v
+        + config.num_attention_heads * config.head_dim * config.hidden_size  # o
+        + 3 * config.hidden_size * config.intermediate_size  # gate, up, down
+    ) + config.vocab_size * config.hidden_size  # fmt: skip
+    return 6 * model_params + 6 * config.num_hidden_layers * seq * config.hidden_size
+
+
+class Repeat:
+    """The loop's batch source: one batch, forever."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        yield self.batch
+
+
+def ours(config, args):
+    """Our TrainLoop.train_step on an NF4 model (eager, or with --compile)."""
+    from qlora_fsdp.train import TrainConfig, TrainLoop
+
+    model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
+    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", activation_checkpointing=True, lora_r=16,
+                      lora_alpha=32, lr=1e-4, warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE,
+                      compile=args.compile)  # fmt: skip
+    loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
+
+    def step(batch):
+        loop.batches, loop._stream = Repeat(batch), None
+        return loop.train_step()["loss"]
+
+    return step
+
+
+def hf_bnb(config, args):
+    """transformers + peft + bitsandbytes: the same NF4 bytes in bnb Linear4bit modules."""
+    import bitsandbytes as bnb
+    import peft
+
+    from qlora_fsdp.nf4.bnb import nf4_to_bnb
+
+    model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
+    for name, lin in quantizable_linears(model).items():
+        packed, qs = nf4_to_bnb(lin.weight.nf4)
+        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                quant_type="nf4", device=DEVICE)  # fmt: skip
+        new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, blocksize=qs.blocksize,
+                                       compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=new)  # fmt: skip
+        parent, _, attr = name.removesuffix(".weight").rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    model.is_loaded_in_4bit = True
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(batch):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE), use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+SYSTEMS = {"ours": ours, "hf_peft_bnb": hf_bnb}
+
+
+def make_batch(config, b: int, t: int) -> dict:
+    ids = torch.randint(0, config.vocab_size, (b, t), generator=torch.Generator().manual_seed(b * t))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def free_memory():
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_shape(step, config, b, t, warmup, iters) -> dict:
+    batch = make_batch(config, b, t)
+    try:
+        for _ in range(warmup):
+            step(batch)
+        sync()
+        reset_peak()
+        start = time.perf_counter()
+        for _ in range(iters):
+            loss = step(batch)
+        sync()
+        seconds = (time.perf_counter() - start) / iters
+    except torch.OutOfMemoryError:
+        free_memory()
+        return {"oom": True}
+    tok_s = b * t / seconds
+    return {"tokens_per_s": tok_s, "step_s": seconds, "peak_gb": peak_gb(),
+            "mfu": flops_per_token(config, t) * tok_s / PEAK_FLOPS, "loss": loss}  # fmt: skip
+
+
+def fits(step, config, t) -> bool:
+    try:
+        step(make_batch(config, 1, t))
+        sync()
+        return True
+    except torch.OutOfMemoryError:
+        free_memory()
+        return False
+
+
+def longest(step, config, start: int, cap: int, budget_s: float) -> int:
+    """The longest batch-1 sequence (multiple of 1024, up to cap) that trains: doubling, then bisection."""
+    deadline = time.monotonic() + budget_s
+    ok, bad = 0, None
+    t = start
+    while t <= cap and time.monotonic() < deadline:
+        if not fits(step, config, t):
+            bad = t
+            break
+        ok, t = t, t * 2
+    if bad is None:
+        return ok
+    while bad - ok > 1024 and time.monotonic() < deadline:
+        mid = (ok + bad) // 2 // 1024 * 1024
+        ok, bad = (mid, bad) if fits(step, config, mid) else (ok, mid)
+    return ok
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="1x2048,4x2048,1x8192")
+    p.add_argument("--systems", default="ours,hf_peft_bnb")
+    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--compile", action="store_true", help="our step with compile_model (regional torch.compile)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--longest", action="store_true")
+    p.add_argument("--longest-cap", type=int, default=262144)
+    p.add_argument("--longest-budget-s", type=float, default=150)
+    args = p.parse_args()
+    config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    env = environment()
+    rows = []
+    for name in args.systems.split(","):
+        free_memory()
+        reset_peak()
+        start = time.perf_counter()
+        step = SYSTEMS[name](config, args)
+        label = name + ("+compile" if name == "ours" and args.compile else "")
+        print(f"{label}: model ready in {time.perf_counter() - start:.0f} s, "
+              f"{torch.cuda.memory_allocated() / 1e9 if DEVICE == 'cuda' else float('nan'):.2f} GB", flush=True)  # fmt: skip
+        for b, t in shapes:
+            r = {"system": label, "batch": b, "seq": t, **time_shape(step, config, b, t, args.warmup, args.iters)}
+            print(r, flush=True)
+            rows.append(r)
+        if args.longest:
+            n = longest(step, config, 8192, args.longest_cap, args.longest_budget_s)
+            rows.append({"system": label, "longest_seq_batch1": n})
+            print(rows[-1], flush=True)
+        del step
+    base = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "hf_peft_bnb" and "tokens_per_s" in r}
+    print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
+          f"{env['gpu']}, torch {env['torch']}")  # fmt: skip
+    print(f"{'system':<18}{'shape':>10}{'tokens/s':>11}{'x base':>8}{'peak GB':>9}{'x base':>8}{'MFU':>7}")
+    for r in rows:
+        if "batch" not in r:
+            continue
+        shape = f"{r['batch']}x{r['seq']}"
+        if r.get("oom"):
+            print(f"{r['system']:<18}{shape:>10}{'OOM':>11}")
+            continue
+        ref = base.get((r["batch"], r["seq"]))
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
+        mem = f"{r['peak_gb'] / ref['peak_gb']:.2f}" if ref else "-"
+        print(f"{r['system']:<18}{shape:>10}{r['tokens_per_s']:>11,.0f}{speed:>8}{r['peak_gb']:>9.1f}{mem:>8}"
+              f"{r['mfu']:>7.1%}")  # fmt: skip
+    for r in rows:
+        if "longest_seq_batch1" in r:
+            print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens")
+    append_results([{**env, "bench": "train_step", "config": args.config, **r} for r in rows])
+
+
+if __name__ == "__main__":
+    main()
