@@ -29,8 +29,8 @@ case " $PARTS " in *" train "*)
         | grep -v "it/s\]" | tail -25 | tee "$OUT/train.log";;
 esac
 case " $PARTS " in *" train_step "*)
-    python3 benchmarks/train_step.py ${TRAIN_STEP_ARGS:-} 2>&1 | grep -v "it/s\]\|Warning\|warn(" | tail -60 | tee "$OUT/train_step.log";;
+    python3 benchmarks/train_step.py ${TRAIN_STEP_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/train_step.log"; tail -40 "$OUT/train_step.log";;
 esac
 case " $PARTS " in *" multi_gpu "*)
-    python3 benchmarks/multi_gpu.py ${MULTI_GPU_ARGS:-} 2>&1 | grep -v "it/s\]\|Warning\|warn(" | tail -60 | tee "$OUT/multi_gpu.log";;
+    python3 benchmarks/multi_gpu.py ${MULTI_GPU_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/multi_gpu.log"; tail -40 "$OUT/multi_gpu.log";;
 esac

@@ -204,7 +204,16 @@ def spawn(fn, world, *args) -> Path:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(fn, args=(world, port, *args, out), nprocs=world, join=True)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if world == 1:  # one process sees one GPU (Trainer would otherwise take several for nn.DataParallel)
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    try:
+        mp.spawn(fn, args=(world, port, *args, out), nprocs=world, join=True)
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return out
 
 
@@ -244,11 +253,13 @@ def main() -> None:
         if "allgather" in ranks[0]:
             row["allgather"] = ranks[0]["allgather"]
         rows.append(row)
-        print({k: v for k, v in row.items() if k != "losses"}, flush=True)
+        append_results([{**env, **row}])  # run by run: a cut-off session keeps what finished
+        print(row, flush=True)
     if "sft" in parts:
         sft = {w: torch.load(spawn(_sft_worker, w, args) / "sft.pt") for w in (1, args.gpus)}
         rows.append({"bench": "multi_gpu_sft", "world": args.gpus, "losses_1gpu": sft[1], "losses_ngpu": sft[args.gpus]})
-    append_results([{**env, **r} for r in rows])
+        append_results([{**env, **rows[-1]}])
+        print(rows[-1], flush=True)
 
     print(f"\n{env['gpu']} x {args.gpus}, torch {env['torch']}; Llama-3.1-8B shape, QLoRA r=16, 1 x {args.seq} a microbatch")
     for prec in ("bf16", "fp16"):

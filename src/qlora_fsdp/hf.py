@@ -48,8 +48,9 @@ def shard_for_trainer(model: nn.Module, args, *, cpu_offload: bool = False) -> n
     half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
     mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half is not None else None
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
-    if torch.cuda.is_available():
-        model.to(torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device(getattr(args, "device", "cpu"))  # TrainingArguments' device (cpu with use_cpu=True)
+    if device.type == "cuda":
+        model.to(device)
     apply_fsdp(model, mp_policy=mp, offload_policy=offload)
     model._is_accelerate_prepared = True  # accelerate: keep this model as it is (no DDP replica)
     return model
