@@ -1,12 +1,13 @@
 """One QLoRA training step on the Llama-3.1-8B shape: ours against transformers + peft + bitsandbytes, same run.
 
-    python benchmarks/train_step.py [--shapes 1x2048,4x2048,1x8192] [--compile] [--longest] [--config tiny]
+    python benchmarks/train_step.py [--shapes 1x2048,4x2048,1x8192] [--systems ours,ours_compiled,hf_peft_bnb]
+                                    [--longest] [--config tiny]
 
 Both models have the same random weights, quantized to NF4 on the GPU one linear at a time (nothing downloaded,
 no 16-bit model materialized); the baseline holds them in bitsandbytes `Linear4bit` modules (the modules
 transformers' bitsandbytes integration puts there), bit-identical to ours. Both: LoRA r=16, alpha 32 on all 7
 projections (peft), activation checkpointing, SDPA, AdamW, bf16 autocast, labels on every token. Ours is the
-`TrainLoop.train_step` a `qlora-fsdp train` run executes; the baseline is `model(input_ids, labels).loss.backward()`
+`TrainLoop.train_step` a `qlora-fsdp train` run executes (`ours_compiled`: with `--compile`); the baseline is `model(input_ids, labels).loss.backward()`
 + `AdamW.step()`, what `Trainer` does per step.
 
 Per system and batch x sequence: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated over the timed steps,
@@ -85,14 +86,14 @@ class Repeat:
         yield self.batch
 
 
-def ours(config, args):
-    """Our TrainLoop.train_step on an NF4 model (eager, or with --compile)."""
+def ours(config, args, compile=False):
+    """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile)."""
     from qlora_fsdp.train import TrainConfig, TrainLoop
 
     model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", activation_checkpointing=True, lora_r=16,
                       lora_alpha=32, lr=1e-4, warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE,
-                      compile=args.compile)  # fmt: skip
+                      compile=compile)  # fmt: skip
     loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
 
     def step(batch):
@@ -137,7 +138,7 @@ def hf_bnb(config, args):
     return step
 
 
-SYSTEMS = {"ours": ours, "hf_peft_bnb": hf_bnb}
+SYSTEMS = {"ours": ours, "ours_compiled": lambda config, args: ours(config, args, compile=True), "hf_peft_bnb": hf_bnb}
 
 
 def make_batch(config, b: int, t: int) -> dict:
@@ -204,7 +205,6 @@ def main() -> None:
     p.add_argument("--shapes", default="1x2048,4x2048,1x8192")
     p.add_argument("--systems", default="ours,hf_peft_bnb")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
-    p.add_argument("--compile", action="store_true", help="our step with compile_model (regional torch.compile)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--longest", action="store_true")
@@ -220,7 +220,7 @@ def main() -> None:
         reset_peak()
         start = time.perf_counter()
         step = SYSTEMS[name](config, args)
-        label = name + ("+compile" if name == "ours" and args.compile else "")
+        label = name
         print(f"{label}: model ready in {time.perf_counter() - start:.0f} s, "
               f"{torch.cuda.memory_allocated() / 1e9 if DEVICE == 'cuda' else float('nan'):.2f} GB", flush=True)  # fmt: skip
         for b, t in shapes:
@@ -248,6 +248,12 @@ def main() -> None:
         mem = f"{r['peak_gb'] / ref['peak_gb']:.2f}" if ref else "-"
         print(f"{r['system']:<18}{shape:>10}{r['tokens_per_s']:>11,.0f}{speed:>8}{r['peak_gb']:>9.1f}{mem:>8}"
               f"{r['mfu']:>7.1%}")  # fmt: skip
+    eager = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "ours" and "tokens_per_s" in r}
+    for r in rows:
+        e = eager.get((r.get("batch"), r.get("seq")))
+        if r["system"] == "ours_compiled" and e and "tokens_per_s" in r:
+            print(f"compiled / eager, {r['batch']}x{r['seq']}: {r['tokens_per_s'] / e['tokens_per_s']:.2f}x tokens/s, "
+                  f"peak {r['peak_gb']:.1f} vs {e['peak_gb']:.1f} GB, first-step loss {r['loss']:.4f} vs {e['loss']:.4f}")  # fmt: skip
     for r in rows:
         if "longest_seq_batch1" in r:
             print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens")

@@ -125,6 +125,11 @@ def _train_and_report(cfg) -> None:
         print(f"train loss: {sum(train_losses[:k]) / k:.4f} (first {k} steps) -> {sum(train_losses[-k:]) / k:.4f} (last {k})")
     if first is not None and last is not None and first is not last:
         print(f"held-out loss: {first['eval_loss']:.4f} (untrained adapter) -> {last['eval_loss']:.4f} (trained)")
+    if cfg.compile:
+        from .compile import compile_counts
+
+        counts = compile_counts()
+        print(f"torch.compile: {counts['graphs']} graphs compiled, {counts['graph_breaks']} graph breaks")
     if cfg.dataset == EMBEDDED and loop.world == 1:
         _embedded_exact_match(loop, cfg)
     print(f"adapter, metrics.jsonl and loss.png in {cfg.output_dir}")
@@ -214,10 +219,17 @@ def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
     from .data import embedded_dataset
     from .evaluate import exact_match
 
+    import contextlib
+
+    import torch
+
     examples = list(embedded_dataset(f"eval[:{n}]"))
-    with loop.model.disable_adapter():
-        before = exact_match(loop.model, loop.tokenizer, examples)
-    after = exact_match(loop.model, loop.tokenizer, examples)
+    # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it
+    eager = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
+    with eager:
+        with loop.model.disable_adapter():
+            before = exact_match(loop.model, loop.tokenizer, examples)
+        after = exact_match(loop.model, loop.tokenizer, examples)
     print(f"held-out exact match ({n} examples): {before:.0%} (untrained adapter) -> {after:.0%} (trained)")
     result = {"exact_match_untrained": before, "exact_match_trained": after, "examples": n}
     atomic_write_text(Path(cfg.output_dir) / "eval.json", json.dumps(result) + "\n")

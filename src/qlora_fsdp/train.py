@@ -70,6 +70,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager
     # FSDP2 (several processes)
     nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
     fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction
@@ -195,6 +196,14 @@ class TrainLoop:
             from .parallel import apply_fsdp
 
             apply_fsdp(self.model, mp_policy=self._mp_policy(), offload_policy=self._offload_policy())
+        from .compile import token_loss_sum
+
+        self._loss_sum = token_loss_sum
+        if cfg.compile:  # after checkpointing and FSDP2 (their hooks stay around the compiled layers)
+            from .compile import compile_loss, compile_model
+
+            compile_model(self.model, backend=cfg.compile_backend)
+            self._loss_sum = compile_loss(backend=cfg.compile_backend)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.world))
@@ -249,10 +258,7 @@ class TrainLoop:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         with self._autocast():
             logits = self.model(**inputs, use_cache=False).logits  # (B, T, V)
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")  # fmt: skip
+        return self._loss_sum(logits, batch["labels"])
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self) -> dict:

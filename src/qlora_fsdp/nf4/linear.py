@@ -12,8 +12,12 @@ otherwise it is the input's dtype.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
+from torch.fx import traceback as fx_traceback
+from torch.utils.checkpoint import CheckpointPolicy
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -23,12 +27,35 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@contextmanager
+def _recomputed_in_backward():
+    """While torch.compile traces this (AOTAutograd keeps node metadata), tag the ops made here MUST_RECOMPUTE.
+
+    The min-cut partitioner merges the forward's and the backward's dequantizations (CSE) and would then save
+    the dense weight for backward; the tag, which selective activation checkpointing also uses, makes it
+    dequantize again in backward instead, as eager does. A no-op in eager mode."""
+    if not fx_traceback.has_preserved_node_meta():
+        yield
+        return
+    meta = fx_traceback.get_current_meta()
+    old = meta.get("recompute")
+    meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    try:
+        yield
+    finally:
+        if old is None:
+            meta.pop("recompute", None)
+        else:
+            meta["recompute"] = old
+
+
 class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
-        w = weight.dequantize(dtype)  # (out, in)
+        with _recomputed_in_backward():
+            w = weight.dequantize(dtype)  # (out, in)
         y = x.to(dtype) @ w.t()  # (..., out)
         if bias is not None:
             y = y + bias.to(dtype)

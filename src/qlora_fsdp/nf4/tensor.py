@@ -52,9 +52,11 @@ class NF4Tensor(Tensor):
         w = self.nf4
         return (dequantize_nf4 if w.data.is_cuda else dequantize_reference)(w, dtype or self.dtype)
 
-    # torch.compile / subclass protocol: the inner tensors and what rebuilds the wrapper from them
+    # torch.compile / subclass protocol: the inner tensors and what rebuilds the wrapper from them. torch reads
+    # each inner tensor as getattr(wrapper, name), so the names are the wrapper's `nf4_*` properties below (a
+    # bare "data" would be Tensor.data, the wrapper itself: endless recursion when Dynamo wraps the weight)
     def __tensor_flatten__(self):
-        names = [n for n in _INNER if getattr(self.nf4, n) is not None]
+        names = [f"nf4_{n}" for n in _INNER if getattr(self.nf4, n) is not None]
         w = self.nf4
         return names, (tuple(w.shape), w.dtype, w.blocksize, w.nested_blocksize, self.dtype)
 
@@ -62,8 +64,15 @@ class NF4Tensor(Tensor):
     def __tensor_unflatten__(inner: dict, ctx, outer_size, outer_stride):
         shape, orig_dtype, blocksize, nested_blocksize, dtype = ctx
         nf4 = NF4Weight(shape=shape, dtype=orig_dtype, blocksize=blocksize, nested_blocksize=nested_blocksize,
-                        **{n: inner.get(n) for n in _INNER})  # fmt: skip
+                        **{n: inner.get(f"nf4_{n}") for n in _INNER})  # fmt: skip
         return NF4Tensor(nf4, dtype)
+
+    nf4_data = property(lambda self: self.nf4.data)
+    nf4_absmax = property(lambda self: self.nf4.absmax)
+    nf4_quant_map = property(lambda self: self.nf4.quant_map)
+    nf4_nested_absmax = property(lambda self: self.nf4.nested_absmax)
+    nf4_nested_quant_map = property(lambda self: self.nf4.nested_quant_map)
+    nf4_offset = property(lambda self: self.nf4.offset)
 
     def _map_inner(self, fn, dtype: torch.dtype | None = None) -> NF4Tensor:
         w = self.nf4

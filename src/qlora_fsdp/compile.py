@@ -1,0 +1,78 @@
+"""Regional torch.compile of a QLoRA model: every decoder layer with fullgraph=True, and the loss.
+
+    compile_model(model)                 # in place, after LoRA, activation checkpointing and FSDP2
+    loss_sum = compile_loss(token_loss_sum)
+    ...
+    print(compile_counts())              # {"graphs": 2, "graph_breaks": 0, ...}
+
+Inside a layer the NF4 weight traces as a tensor subclass (`NF4Tensor.__tensor_flatten__`); `F.linear` on it runs
+`nf4_linear`, whose dequantization is the `triton_op` kernel on CUDA (the PyTorch reference on CPU), tagged to be
+recomputed in backward rather than saved, as in eager mode (nf4/linear.py).
+
+Recompilation is bounded: `dynamic=True` makes batch size and sequence length symbols from the first call, so one
+graph serves every length. All decoder layers share one code object, hence one set of graphs; what remains are the
+distinct code paths (a batch without padding has `attention_mask=None`, training vs evaluation, the loss): a few
+graphs for a run of any length. `fail_on_recompile_limit_hit` turns the silent fallback to eager past Dynamo's
+limit (8 per code object) into an error.
+
+Inductor draws its own random numbers, so LoRA dropout would not match eager masks; with dropout on, inductor uses
+eager's generator (`fallback_random`, a global inductor setting).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import decoder_layers
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _configure(backend: str, model: nn.Module | None = None) -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if backend == "inductor" and model is not None and _has_dropout(model):
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+
+
+def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True) -> nn.Module:
+    """Compile every decoder layer of `model` (a transformers causal LM, peft-wrapped or not) in place; returns it.
+
+    The embedding output is made to require grad (peft's `enable_input_require_grads`), so the first layer sees
+    the same kind of input as the others and shares their graph."""
+    _configure(backend, model)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend, fullgraph=True, dynamic=dynamic)
+    return model
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over the predicted tokens of the cross-entropy (fp32): logits (B, T, V), labels (B, T), -100 ignored."""
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    labels = labels[:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                       reduction="sum")  # fmt: skip
+
+
+def compile_loss(fn=token_loss_sum, *, backend: str = "inductor", dynamic: bool = True):
+    _configure(backend)
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
+
+
+def compile_counts() -> dict:
+    """Graphs compiled, graph breaks and recompilations so far in this process (Dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "recompiles": int(sum(v for k, v in counters["recompiles"].items())) if "recompiles" in counters else 0,
+    }
