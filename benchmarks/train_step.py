@@ -253,7 +253,7 @@ def main() -> None:
         e = eager.get((r.get("batch"), r.get("seq")))
         if r["system"] == "ours_compiled" and e and "tokens_per_s" in r:
             print(f"compiled / eager, {r['batch']}x{r['seq']}: {r['tokens_per_s'] / e['tokens_per_s']:.2f}x tokens/s, "
-                  f"peak {r['peak_gb']:.1f} vs {e['peak_gb']:.1f} GB, loss after the same steps {r["loss"]:.4f} vs {e["loss"]:.4f}")  # fmt: skip
+                  f"peak {r['peak_gb']:.1f} vs {e['peak_gb']:.1f} GB, loss after the same steps {r['loss']:.4f} vs {e['loss']:.4f}")  # fmt: skip
     for r in rows:
         if "longest_seq_batch1" in r:
             print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens")
