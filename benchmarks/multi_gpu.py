@@ -43,28 +43,6 @@ def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]
     return out
 
 
-class Batches:
-    """A fixed list of batches, in order (the loop's resumable batch source)."""
-
-    def __init__(self, batches):
-        self.batches, self.pos = batches, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
-
-
 def model_config(name: str):
     from qlora_fsdp.parallel.memory import llama_3_1_8b_config
 
@@ -97,6 +75,7 @@ def _peak_gb() -> float:
 
 
 def _train_worker(rank, world, port, args, precision, offload, steps, out):
+    from qlora_fsdp.batches import FixedBatches
     from qlora_fsdp.model import random_model
     from qlora_fsdp.train import TrainConfig, TrainLoop
 
@@ -108,7 +87,7 @@ def _train_worker(rank, world, port, args, precision, offload, steps, out):
                       lora_alpha=32, lr=2e-4, warmup_steps=5, max_steps=steps, grad_accum=args.gpus // world,
                       cpu_offload=offload, progress=False, device=device, seed=0)  # fmt: skip
     batches = copy_task_batches(steps * args.gpus, args.seq, config.vocab_size)
-    loop = TrainLoop(cfg, model=model, train_batches=Batches(batches))
+    loop = TrainLoop(cfg, model=model, train_batches=FixedBatches(batches))
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     records = [r for r in loop.train() if "loss" in r]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
+from qlora_fsdp.batches import FixedBatches
 from qlora_fsdp.checkpoint import latest_checkpoint
 from qlora_fsdp.model import embedded_model_dir, load_model
 from qlora_fsdp.train import TrainConfig, TrainError, TrainLoop
@@ -15,26 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-class ListBatches:
-    """Fixed batches in a fixed order, resumable: the smallest object the loop trains from."""
-
-    def __init__(self, batches):
-        self.batches, self.pos = batches, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
+ListBatches = FixedBatches  # fixed batches in a fixed order, resumable
 
 
 def collate(examples, pad_id=0):

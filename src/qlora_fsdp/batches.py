@@ -31,3 +31,26 @@ def build_batches(cfg, tokenizer) -> tuple[Batcher, Batcher | None]:
         return train, None
     held_out = Batcher(_tokenized(eval_spec, cfg.eval_split, tokenizer, cfg, "eval"), shuffle=False, **common)
     return train, held_out
+
+
+class FixedBatches:
+    """Ready-made batches (dicts of `input_ids`, `labels`, optional `attention_mask`) in a fixed order, one epoch
+    per iteration, resumable: the smallest batch source `TrainLoop(cfg, train_batches=...)` accepts."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.pos = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+        self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
