@@ -36,6 +36,13 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
         kwargs["offload_policy"] = offload_policy
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    # the 16-bit embedding and lm_head (1 GiB each for Llama-3.1-8B) get units of their own, so that neither stays
+    # gathered for the whole step as part of the root: the embedding is gathered for its lookup only, the lm_head
+    # from the end of forward to the start of backward. Tied ones (one tensor in both) stay in the root.
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and head is not None and emb.weight is not head.weight:
+        fully_shard(emb, **kwargs)
+        fully_shard(head, **{**kwargs, "reshard_after_forward": False})
     fully_shard(model, **kwargs)
     return model
 
