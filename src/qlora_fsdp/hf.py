@@ -30,7 +30,7 @@ import os
 import torch
 from torch import nn
 
-from .parallel.fsdp import apply_fsdp, full_lora_state_dict, is_sharded, load_full_state_dict
+from .parallel.fsdp import apply_fsdp, fsdp_policies, full_lora_state_dict, is_sharded, load_full_state_dict
 
 OPTIMIZER_DCP = "optimizer_dcp"
 SCHEDULER_FILE = "scheduler.pt"
@@ -40,18 +40,14 @@ def shard_for_trainer(model: nn.Module, args, *, cpu_offload: bool = False) -> n
     """Shard `model` for a Trainer run on the current process group (a no-op on one process); returns it."""
     import torch.distributed as dist
 
-    getattr(args, "device", None)  # TrainingArguments joins the process group of a torchrun launch here
+    # TrainingArguments' device (cpu with use_cpu=True); reading it joins the process group of a torchrun launch
+    device = torch.device(getattr(args, "device", "cpu"))
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return model
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
-
     half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
-    mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half is not None else None
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
-    device = torch.device(getattr(args, "device", "cpu"))  # TrainingArguments' device (cpu with use_cpu=True)
     if device.type == "cuda":
         model.to(device)
-    apply_fsdp(model, mp_policy=mp, offload_policy=offload)
+    apply_fsdp(model, **fsdp_policies(half, cpu_offload=cpu_offload, pin_memory=torch.cuda.is_available()))
     model._is_accelerate_prepared = True  # accelerate: keep this model as it is (no DDP replica)
     return model
 

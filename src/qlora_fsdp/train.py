@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_checkpoints
-from .parallel.fsdp import set_accumulating
+from .parallel.fsdp import fsdp_policies, set_accumulating
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -195,7 +195,8 @@ class TrainLoop:
         if self.world > 1:
             from .parallel import apply_fsdp
 
-            apply_fsdp(self.model, mp_policy=self._mp_policy(), offload_policy=self._offload_policy())
+            apply_fsdp(self.model, **fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None,
+                                                   cpu_offload=cfg.cpu_offload, pin_memory=self.device.type == "cuda"))
         from .compile import token_loss_sum
 
         self._loss_sum = token_loss_sum
@@ -216,20 +217,6 @@ class TrainLoop:
         self.step = 0
         self.records: list[dict] = []
         self._stream = None
-
-    def _mp_policy(self):
-        if not self.cfg.fsdp_mixed_precision or self.dtype == torch.float32:
-            return None
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
-
-    def _offload_policy(self):
-        if not self.cfg.cpu_offload:
-            return None
-        from torch.distributed.fsdp import CPUOffloadPolicy
-
-        return CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
 
     # -- batches ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:

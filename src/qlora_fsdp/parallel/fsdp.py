@@ -47,6 +47,16 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
     return model
 
 
+def fsdp_policies(param_dtype: torch.dtype | None, *, cpu_offload: bool = False, pin_memory: bool = False) -> dict:
+    """apply_fsdp's `mp_policy` / `offload_policy` arguments: parameters cast to `param_dtype` for compute with
+    gradients reduced in fp32 (no policy for None or fp32), and sharded state kept on the host (`cpu_offload`)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    mixed = param_dtype is not None and param_dtype != torch.float32
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed else None,
+            "offload_policy": CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else None}  # fmt: skip
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model` holds DTensor parameters (sharded by FSDP2)."""
     from torch.distributed.tensor import DTensor
