@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.* helpers
 from qlora_fsdp.compile import token_loss_sum  # noqa: E402
 from qlora_fsdp.model import decoder_layers, load_model  # noqa: E402
+from qlora_fsdp.parallel.pipeline import DecoderStage, split_bounds, stage_indices  # noqa: E402
 from qlora_fsdp.train import TrainConfig, add_lora, seed_everything  # noqa: E402
 from tests.test_train import synthetic_examples  # noqa: E402
 
@@ -52,47 +52,8 @@ def build_peft_model(model_dir):
     return add_lora(load_model(model_dir, dtype=torch.float32, device="cpu"), cfg)
 
 
-class LlamaStage(nn.Module):
-    """Decoder layers [lo, hi) of a (peft-wrapped) LlamaForCausalLM; the embedding if first, norm + lm_head if last.
-    Each stage recomputes position ids, the causal mask and the rotary cos/sin from the attention_mask kwarg
-    (passed to every stage by schedule.step(**kwargs)); only the hidden states travel between stages."""
-
-    def __init__(self, model, lo, hi, first, last):
-        super().__init__()
-        llama = model.get_base_model().model  # LlamaModel
-        self.config = llama.config
-        self.embed_tokens = llama.embed_tokens if first else None
-        self.layers = nn.ModuleDict({str(i): decoder_layers(model)[i] for i in range(lo, hi)})
-        self.rotary_emb = llama.rotary_emb
-        self.norm = llama.norm if last else None
-        self.lm_head = model.get_base_model().lm_head if last else None
-
-    def forward(self, x, attention_mask):
-        from transformers.masking_utils import create_causal_mask
-
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = create_causal_mask(self.config, h, attention_mask, None, pos)  # positional: `cache` was past_key_values
-        pe = self.rotary_emb(h, position_ids=pos)
-        for layer in self.layers.values():
-            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
-        if self.lm_head is not None:
-            h = self.lm_head(self.norm(h))
-        return h
-
-
-def split_bounds(n_layers, n_stages):
-    q, r = divmod(n_layers, n_stages)
-    sizes = [q + (i < r) for i in range(n_stages)]
-    return [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(n_stages)]
-
-
-def stage_ids(schedule, rank, pp):
-    if schedule in ("gpipe", "1f1b"):
-        return [rank]
-    if schedule == "izb":  # loop layout
-        return [rank, rank + pp]
-    return [rank, 2 * pp - 1 - rank]  # zbv: V layout
+# the stage module, the balanced split and the stage-to-rank layouts now live in qlora_fsdp.parallel.pipeline
+SCHEDULE_NAMES = {"gpipe": "gpipe", "1f1b": "1f1b", "izb": "interleaved_zb", "zbv": "zbv"}
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -135,8 +96,8 @@ def worker(rank, world, port, out, model_dir, schedule, pp, dp, n_mb, steps, com
         bounds = split_bounds(n_layers, n_stages)
         names = {id(p): n for n, p in model.named_parameters()}
         mods, stages = [], []
-        for s in stage_ids(schedule, pp_rank, pp):
-            m = LlamaStage(model, *bounds[s], first=s == 0, last=s == n_stages - 1)
+        for s in stage_indices(SCHEDULE_NAMES[schedule], pp_rank, pp):
+            m = DecoderStage(model, *bounds[s], first=s == 0, last=s == n_stages - 1)
             m.full_names = {n: names[id(p)] for n, p in m.named_parameters()}  # before FSDP swaps the params
             if mesh is not None:  # FSDP2 over the dp dimension, per layer + stage root
                 from torch.distributed.fsdp import fully_shard
