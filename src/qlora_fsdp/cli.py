@@ -212,16 +212,15 @@ class _ProcessGroup:
 
 def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
     """Held-out exact match of greedy answers, without the adapter (= the untrained one) and with it."""
+    import contextlib
     import json
     from pathlib import Path
+
+    import torch
 
     from .checkpoint import atomic_write_text
     from .data import embedded_dataset
     from .evaluate import exact_match
-
-    import contextlib
-
-    import torch
 
     examples = list(embedded_dataset(f"eval[:{n}]"))
     # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it

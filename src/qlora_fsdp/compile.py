@@ -74,5 +74,5 @@ def compile_counts() -> dict:
     return {
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(v for k, v in counters["recompiles"].items())) if "recompiles" in counters else 0,
+        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
     }
