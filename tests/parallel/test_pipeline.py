@@ -23,7 +23,7 @@ def four_layer_llama(path):
 
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=104, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        config = transformers.LlamaConfig(vocab_size=104, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
         transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -60,85 +60,122 @@ def one_process(model_dir):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, port, out, model_dir, schedule):
+def _worker(rank, world, port, out, model_dir, schedules):
+    """Every schedule in turn on `world` ranks: PP stages, and FSDP2 over dp = world / PP inside each stage."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
     from qlora_fsdp.parallel.pipeline import build_pipeline
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=PP)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dp = world // PP
+    mesh = init_device_mesh("cpu", (PP, dp), mesh_dim_names=("pp", "dp")) if dp > 1 else None
+    pp_rank, dp_rank = (mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()) if mesh else (rank, 0)
+    results = {}
     try:
-        model = peft_model(model_dir)
-        names = {id(p): n for n, p in model.named_parameters()}
-        n_tok = [1]
-        loss_fn = lambda logits, labels: token_loss_sum(logits, labels) / n_tok[0]  # noqa: E731
-        sched, mods = build_pipeline(model, schedule, rank, PP, n_microbatches=MICRO, loss_fn=loss_fn)
-        params = [p for m in mods for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
-        deferred = []  # zero-bubble, non-first stages: (input pass left LoRA grads as they were, weight pass changed them)
-        if schedule in ("zbv", "interleaved_zb"):
-            for st in sched._stages:
-                if st.stage_index == 0:
-                    continue
-
-                def grads(_st=st):
-                    return [None if p.grad is None else p.grad.clone() for p in _st.submod.parameters() if p.requires_grad]
-
-                def same(a, b):
-                    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-                               for x, y in zip(a, b))  # fmt: skip
-
-                def probe(*a, _f=st.backward_one_chunk, _g=grads, **k):
-                    before = _g()
-                    r = _f(*a, **k)
-                    if not k.get("full_backward", True):
-                        deferred.append(("I", same(before, _g())))
-                    return r
-
-                def probe_w(*a, _f=st.backward_weight_one_chunk, _g=grads, **k):
-                    before = _g()
-                    r = _f(*a, **k)
-                    deferred.append(("W", not same(before, _g())))
-                    return r
-
-                st.backward_one_chunk, st.backward_weight_one_chunk = probe, probe_w
-        losses = []
-        for b in step_batches():
-            n_tok[0] = label_tokens(b)
-            mb_losses = []
-            sched.step(b["input_ids"], attention_mask=b["attention_mask"], target=b["labels"], losses=mb_losses)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total = torch.tensor(sum(float(x) for x in mb_losses), dtype=torch.float64)
-            dist.all_reduce(total)  # only the last stage's rank holds losses
-            losses.append(float(total))
-        lora = {names[id(p)]: p.detach().clone() for m in mods for p in m.parameters() if p.requires_grad}
-        torch.save({"losses": losses, "lora": lora, "deferred": deferred}, out / f"rank{rank}.pt")
+        for schedule in schedules:
+            model = peft_model(model_dir)
+            n_tok = [1]
+            # FSDP2 averages gradients over dp: the factor dp turns that into the sum the one-process step takes
+            loss_fn = lambda logits, labels: token_loss_sum(logits, labels) / n_tok[0] * dp  # noqa: E731
+            pipe = build_pipeline(model, schedule, pp_rank, PP, n_microbatches=MICRO // dp, loss_fn=loss_fn,
+                                  group=mesh.get_group("pp") if mesh else None, dp_mesh=mesh["dp"] if mesh else None)  # fmt: skip
+            names = {id(p): n for n, p in model.named_parameters()}  # after FSDP2 swapped in DTensor parameters
+            params = [p for m in pipe.modules for p in m.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+            deferred = probe_weight_passes(pipe.stages) if schedule in ("zbv", "interleaved_zb") else []
+            losses = []
+            for b in step_batches():
+                n_tok[0] = label_tokens(b)
+                rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)  # this replica's share
+                mb_losses = []
+                pipe.schedule.step(b["input_ids"][rows], attention_mask=b["attention_mask"][rows],
+                                   target=b["labels"][rows], losses=mb_losses)  # fmt: skip
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                total = torch.tensor(sum(x.item() for x in mb_losses), dtype=torch.float64)
+                dist.all_reduce(total)  # only the last stage's ranks hold losses, each its replica's share x dp
+                losses.append(float(total) / dp)
+            lora = {names[id(p)]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                    for m in pipe.modules for p in m.parameters() if p.requires_grad}  # fmt: skip
+            results[schedule] = {"losses": losses, "lora": lora, "deferred": deferred}
+        torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
     os._exit(0)
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_zb", "zbv"])
-def test_two_stage_ranks_equal_one_process(tmp_path, schedule):
-    model_dir = four_layer_llama(tmp_path / "model")
-    mp.spawn(_worker, args=(free_port(), tmp_path, model_dir, schedule), nprocs=PP, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(PP)]
+def probe_weight_passes(stages) -> list:
+    """Record, per input-gradient ('I') and weight-gradient ('W') pass of the non-first stages, whether the pass
+    left the LoRA gradients as they were (I) or changed them (W)."""
+    seen = []
+
+    def grads(st):
+        return [None if p.grad is None else p.grad.clone() for p in st.submod.parameters() if p.requires_grad]
+
+    def same(a, b):
+        return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                   for x, y in zip(a, b))  # fmt: skip
+
+    for st in stages:
+        if st.stage_index == 0:  # its input needs no gradient: the whole backward runs in the weight pass
+            continue
+
+        def probe(*a, _st=st, _f=st.backward_one_chunk, **k):
+            before = grads(_st)
+            r = _f(*a, **k)
+            if not k.get("full_backward", True):
+                seen.append(("I", same(before, grads(_st))))
+            return r
+
+        def probe_w(*a, _st=st, _f=st.backward_weight_one_chunk, **k):
+            before = grads(_st)
+            r = _f(*a, **k)
+            seen.append(("W", not same(before, grads(_st))))
+            return r
+
+        st.backward_one_chunk, st.backward_weight_one_chunk = probe, probe_w
+    return seen
+
+
+SCHEDULE_NAMES = ["gpipe", "1f1b", "interleaved_zb", "zbv"]
+
+
+def check_against_one_process(tmp_path, model_dir, world):
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     ref_losses, ref_lora = one_process(model_dir)
-    torch.testing.assert_close(torch.tensor(got[0]["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-    lora = {**got[0]["lora"], **got[1]["lora"]}
-    assert lora.keys() == ref_lora.keys()
-    for k in ref_lora:  # summation order differs (microbatches): Adam turns ~1e-7 into ~1e-5 on tiny gradients
-        torch.testing.assert_close(lora[k], ref_lora[k], rtol=1e-4, atol=3e-5)
-    if schedule in ("zbv", "interleaved_zb"):
-        deferred = got[0]["deferred"] + got[1]["deferred"]
-        # input-gradient passes leave the LoRA gradients untouched, weight passes fill them
-        assert {kind for kind, _ in deferred} == {"I", "W"} and all(ok for _, ok in deferred), deferred
+    for schedule in SCHEDULE_NAMES:
+        torch.testing.assert_close(torch.tensor(got[0][schedule]["losses"]), torch.tensor(ref_losses), rtol=1e-5,
+                                   atol=0, msg=lambda m: f"{schedule}: {m}")  # fmt: skip
+        lora = {k: v for g in got for k, v in g[schedule]["lora"].items()}
+        assert lora.keys() == ref_lora.keys(), schedule
+        for k in ref_lora:  # summation order differs (microbatches): Adam turns ~1e-7 into ~1e-5 on tiny gradients
+            torch.testing.assert_close(lora[k], ref_lora[k], rtol=1e-4, atol=3e-5, msg=lambda m: f"{schedule} {k}: {m}")
+        if schedule in ("zbv", "interleaved_zb"):
+            deferred = [d for g in got for d in g[schedule]["deferred"]]
+            # input-gradient passes leave the LoRA gradients untouched, weight passes fill them
+            assert {kind for kind, _ in deferred} == {"I", "W"} and all(ok for _, ok in deferred), (schedule, deferred)
+
+
+@pytest.mark.timeout(300)
+def test_two_stage_ranks_equal_one_process(tmp_path):
+    """2 ranks x 2 stages (4 stages for the zero-bubble schedules), every schedule."""
+    model_dir = four_layer_llama(tmp_path / "model")
+    mp.spawn(_worker, args=(PP, free_port(), tmp_path, model_dir, SCHEDULE_NAMES), nprocs=PP, join=True)
+    check_against_one_process(tmp_path, model_dir, PP)
+
+
+@pytest.mark.timeout(420)
+def test_pp_by_fsdp_on_four_ranks_equals_one_process(tmp_path):
+    """4 ranks: 2 pipeline stages x 2 FSDP2 data-parallel ranks (a 2-D mesh), every schedule."""
+    model_dir = four_layer_llama(tmp_path / "model")
+    mp.spawn(_worker, args=(2 * PP, free_port(), tmp_path, model_dir, SCHEDULE_NAMES), nprocs=2 * PP, join=True)
+    check_against_one_process(tmp_path, model_dir, 2 * PP)
 
 
 def test_bad_pipeline_setups_are_one_line_errors(tmp_path):

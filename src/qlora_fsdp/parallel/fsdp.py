@@ -20,20 +20,8 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
     """Shard `model` (a transformers causal LM, peft-wrapped or not) in place with FSDP2; returns it."""
     from torch.distributed.fsdp import fully_shard
 
-    world = mesh.size() if mesh is not None else torch.distributed.get_world_size()
-    for name, p in model.named_parameters():
-        if isinstance(p, NF4Tensor):
-            try:
-                check_shardable(p.nf4, world)
-            except NF4FormatError as e:
-                raise NF4FormatError(f"{name}: {e}") from None
-    kwargs = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        kwargs["mesh"] = mesh
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
-    if offload_policy is not None:
-        kwargs["offload_policy"] = offload_policy
+    kwargs = shard_kwargs(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy,
+                          reshard_after_forward=reshard_after_forward)  # fmt: skip
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     # the 16-bit embedding and lm_head (1 GiB each for Llama-3.1-8B) get units of their own, so that neither stays
@@ -45,6 +33,22 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
         fully_shard(head, **{**kwargs, "reshard_after_forward": False})
     fully_shard(model, **kwargs)
     return model
+
+
+def shard_kwargs(module: nn.Module, *, mesh=None, mp_policy=None, offload_policy=None,
+                 reshard_after_forward: bool = True) -> dict:  # fmt: skip
+    """`fully_shard` keyword arguments, after checking that every NF4 weight of `module` splits evenly over the
+    mesh (or the world): an NF4FormatError naming the weight otherwise."""
+    world = mesh.size() if mesh is not None else torch.distributed.get_world_size()
+    for name, p in module.named_parameters():
+        if isinstance(p, NF4Tensor):
+            try:
+                check_shardable(p.nf4, world)
+            except NF4FormatError as e:
+                raise NF4FormatError(f"{name}: {e}") from None
+    kwargs = {"reshard_after_forward": reshard_after_forward, "mesh": mesh, "mp_policy": mp_policy,
+              "offload_policy": offload_policy}  # fmt: skip
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def fsdp_policies(param_dtype: torch.dtype | None, *, cpu_offload: bool = False, pin_memory: bool = False) -> dict:

@@ -1,23 +1,28 @@
 """Pipeline parallelism over decoder layers with torch.distributed.pipelining: GPipe, 1F1B, interleaved zero-bubble
-and ZBV zero-bubble schedules.
+and ZBV zero-bubble schedules, optionally with FSDP2 inside each stage (a 2-D mesh: pp x dp).
 
-    schedule, stages = build_pipeline(model, "zbv", rank, pp, n_microbatches=4, loss_fn=loss_fn)
-    schedule.step(input_ids, attention_mask=mask, target=labels, losses=losses)   # every rank, every step
+    pipe = build_pipeline(model, "zbv", pp_rank, pp, n_microbatches=4, loss_fn=loss_fn, device=dev,
+                          group=mesh.get_group("pp"), dp_mesh=mesh["dp"])
+    pipe.schedule.step(input_ids, attention_mask=mask, target=labels, losses=losses)   # every rank, every step
 
 The model (a transformers Llama-style causal LM, peft-wrapped or not) is cut into stages by decoder layers, balanced
-by count: the first stage also holds the embedding, the last the final norm and lm_head. Each stage recomputes the
-position ids, the causal mask and the rotary embedding from `attention_mask` (keyword arguments reach every stage),
-so only hidden states (B, T, H) travel between ranks. All steps must share one sequence length: the stages size
-their receive buffers at the first step.
+by count or as given: the first stage also holds the embedding, the last the final norm and lm_head. Each stage
+recomputes the position ids, the causal mask and the rotary embedding from `attention_mask` (keyword arguments reach
+every stage), so only hidden states (B, T, H) travel between ranks. All steps must share one batch shape: the
+stages size their receive buffers at the first step.
 
 Zero-bubble schedules split each stage's backward into an input-gradient pass and a deferred weight-gradient pass.
 The NF4 base path yields input gradients only, so the LoRA weight gradients are what the weight pass computes.
 
 Loss: the schedule sums the microbatch losses' gradients as they are (`scale_grads=False`); give it a `loss_fn`
-that divides by the label tokens of the whole step (all microbatches), so N stages equal one process.
+that divides by the label tokens of the whole step (all microbatches, all data-parallel replicas) and multiplies by
+the data-parallel size (FSDP2 averages gradients over dp), so the run equals one process.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,9 +40,12 @@ class PipelineError(ValueError):
 
 
 class DecoderStage(nn.Module):
-    """Decoder layers [lo, hi) of a causal LM; the embedding if first, the final norm + lm_head if last."""
+    """Decoder layers [lo, hi) of a causal LM; the embedding if first, the final norm + lm_head if last.
 
-    def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool):
+    `compute_dtype` (bf16 / fp16): the stage runs under autocast to it, as the whole model would."""
+
+    def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool,
+                 compute_dtype: torch.dtype | None = None):  # fmt: skip
         super().__init__()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
         inner = base.model  # e.g. LlamaModel
@@ -47,8 +55,14 @@ class DecoderStage(nn.Module):
         self.rotary_emb = inner.rotary_emb
         self.norm = inner.norm if last else None
         self.lm_head = base.lm_head if last else None
+        self.compute_dtype = compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.compute_dtype or torch.float32,
+                            enabled=self.compute_dtype is not None):  # fmt: skip
+            return self._forward(x, attention_mask)
+
+    def _forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         h = self.embed_tokens(x) if self.embed_tokens is not None else x  # (B, T, H)
@@ -62,12 +76,19 @@ class DecoderStage(nn.Module):
         return h
 
 
-def split_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
-    """[lo, hi) layer ranges of n_stages stages balanced by layer count (the first ones take the remainder)."""
-    if n_stages > n_layers:
-        raise PipelineError(f"{n_stages} pipeline stages but the model has {n_layers} decoder layers: lower --pp")
-    q, r = divmod(n_layers, n_stages)
-    sizes = [q + (i < r) for i in range(n_stages)]
+def split_bounds(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) layer ranges of n_stages stages: `layers_per_stage` as given, or balanced by layer count (the first
+    stages take the remainder)."""
+    if layers_per_stage:
+        sizes = list(layers_per_stage)
+        if len(sizes) != n_stages or sum(sizes) != n_layers or min(sizes) < 1:
+            raise PipelineError(f"--pp-layers {','.join(map(str, sizes))}: give {n_stages} counts of at least 1 "
+                                f"that add up to the model's {n_layers} decoder layers")  # fmt: skip
+    else:
+        if n_stages > n_layers:
+            raise PipelineError(f"{n_stages} pipeline stages but the model has {n_layers} decoder layers: lower --pp")
+        q, r = divmod(n_layers, n_stages)
+        sizes = [q + (i < r) for i in range(n_stages)]
     return [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(n_stages)]
 
 
@@ -80,9 +101,25 @@ def stage_indices(schedule: str, rank: int, pp: int) -> list[int]:
     return [rank, 2 * pp - 1 - rank]
 
 
+def n_stages(schedule: str, pp: int) -> int:
+    return pp * SCHEDULES[schedule][1]
+
+
+@dataclass
+class Pipeline:
+    schedule: object  # a torch.distributed.pipelining schedule
+    modules: list[DecoderStage]  # this rank's stage modules (FSDP2-sharded over dp when a dp mesh was given)
+    stages: list = field(default_factory=list)  # their PipelineStage objects
+    has_last: bool = False  # whether this rank runs the last stage (it alone sees the losses)
+
+
 def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_microbatches: int, loss_fn,
-                   device: torch.device | str = "cpu", group=None):  # fmt: skip
-    """(the schedule object, this rank's DecoderStage modules) for `schedule` on `pp` ranks."""
+                   device: torch.device | str = "cpu", group=None, dp_mesh=None, fsdp: dict | None = None,
+                   layers_per_stage: list[int] | None = None, compute_dtype: torch.dtype | None = None) -> Pipeline:  # fmt: skip
+    """This rank's part of `schedule` on `pp` pipeline ranks (rank = its index in the pp group `group`).
+
+    With `dp_mesh` every stage is sharded with FSDP2 over it: each decoder layer a unit, the stage the root;
+    `fsdp` holds further `fully_shard` options (mp_policy, offload_policy; see fsdp_policies)."""
     import torch.distributed.pipelining as pipelining
 
     if schedule not in SCHEDULES:
@@ -94,14 +131,95 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
         raise PipelineError(f"{schedule}: torch.distributed.pipelining refuses zero-bubble schedules with compiled "
                             "stages; drop --compile or use --pp-schedule 1f1b / gpipe")  # fmt: skip
     cls_name, per_rank = SCHEDULES[schedule]
-    n_stages = pp * per_rank
-    bounds = split_bounds(len(layers), n_stages)
+    total = n_stages(schedule, pp)
+    bounds = split_bounds(len(layers), total, layers_per_stage)
     mods, stages = [], []
     for s in stage_indices(schedule, rank, pp):
-        mod = DecoderStage(model, *bounds[s], first=s == 0, last=s == n_stages - 1)
+        mod = DecoderStage(model, *bounds[s], first=s == 0, last=s == total - 1, compute_dtype=compute_dtype)
+        if dp_mesh is not None:
+            _shard_stage(mod, dp_mesh, fsdp or {})
         mods.append(mod)
-        stages.append(pipelining.PipelineStage(mod, s, n_stages, torch.device(device), group=group))
+        stages.append(pipelining.PipelineStage(mod, s, total, torch.device(device), group=group))
     cls = getattr(pipelining, cls_name)
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
                 scale_grads=False)  # fmt: skip
-    return sched, mods
+    return Pipeline(sched, mods, stages, has_last=any(st.is_last for st in stages))
+
+
+def _shard_stage(mod: DecoderStage, dp_mesh, options: dict) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from .fsdp import shard_kwargs
+
+    # parameters stay gathered from a step's first forward to its gradient reduction (the schedule reshards them
+    # there): microbatches do not all-gather again, and the zero-bubble input pass, which looks the stage's
+    # parameters up to find their gradient nodes, finds the gathered ones the autograd graph used
+    kwargs = shard_kwargs(mod, mesh=dp_mesh, **{**options, "reshard_after_forward": False})
+    for layer in mod.layers.values():
+        fully_shard(layer, **kwargs)
+    fully_shard(mod, **kwargs)
+
+
+def keep_only(model: nn.Module, modules: list[DecoderStage]) -> None:
+    """Drop from `model` the decoder layers, embedding, norm and lm_head that none of `modules` uses, so a rank
+    holds its stages' weights only (their parameter names stay those of the whole model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base.model
+    mine = {id(layer) for m in modules for layer in m.layers.values()}
+    layers = decoder_layers(base)
+    for i, layer in enumerate(layers):
+        if id(layer) not in mine:
+            layers[i] = nn.Module()  # an empty placeholder keeps the later layers' indices
+    if all(m.embed_tokens is None for m in modules):
+        inner.embed_tokens = nn.Module()
+    if all(m.lm_head is None for m in modules):
+        inner.norm, base.lm_head = nn.Module(), nn.Module()
+
+
+class ScheduleTimer:
+    """The bubble a schedule leaves on this rank: per step, the wall time of `schedule.step` and the time this rank
+    spent computing (its stages' forward, backward and weight-gradient passes); idle share = 1 - busy / step.
+
+    On CUDA every timed pass is bracketed by synchronisations, so waits for activations or gradients from the
+    neighbouring stage count as idle and kernels as busy (this costs the overlap of sends with compute)."""
+
+    METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self, stages: list, device: torch.device):
+        self.device = torch.device(device)
+        self.busy, self.steps = 0.0, []  # steps: (step seconds, busy seconds)
+        for st in stages:
+            for name in self.METHODS:
+                setattr(st, name, self._timed(getattr(st, name)))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            self._sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self.busy += time.perf_counter() - t
+
+        return run
+
+    def step(self, fn, *args, **kwargs):
+        """Run fn (a schedule's step) and record its time and this rank's busy time."""
+        self._sync()
+        self.busy, t = 0.0, time.perf_counter()
+        out = fn(*args, **kwargs)
+        self._sync()
+        self.steps.append((time.perf_counter() - t, self.busy))
+        return out
+
+    def summary(self, skip: int = 1) -> dict:
+        """Mean step time (ms) and idle share, without the first `skip` steps (shape inference, warm-up)."""
+        steps = self.steps[skip:] or self.steps
+        wall, busy = sum(s for s, _ in steps), sum(b for _, b in steps)
+        return {"steps": len(steps), "step_ms": 1e3 * wall / max(len(steps), 1),
+                "busy_ms": 1e3 * busy / max(len(steps), 1), "idle": 1 - busy / wall if wall else float("nan")}  # fmt: skip
