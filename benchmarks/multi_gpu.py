@@ -1,6 +1,6 @@
 """FSDP2 on several GPUs, Llama-3.1-8B shape with random weights (nothing downloaded), against one GPU.
 
-    python benchmarks/multi_gpu.py [--gpus 2] [--steps 30] [--seq 2048] [--parts losses,offload,allgather,sft]
+    python benchmarks/multi_gpu.py [--gpus 2] [--steps 30] [--seq 2048] [--parts losses,offload,allgather,sft,pipeline]
 
 losses     `--steps` QLoRA steps (r=16 on all 7 projections, activation checkpointing) on 1 GPU and with FSDP2 on
            `--gpus` GPUs, bf16 and fp16, the same global batch (--gpus microbatches of 1 x --seq per step: one a
@@ -9,6 +9,10 @@ losses     `--steps` QLoRA steps (r=16 on all 7 projections, activation checkpoi
 offload    the same with CPUOffloadPolicy on `--gpus` GPUs (10 steps): peak memory and tokens/s.
 allgather  the bytes one decoder layer's all-gather moves, against its NF4 bytes and its bf16 size.
 sft        TRL's SFTTrainer with `shard_for_trainer` on `--gpus` GPUs vs 1 GPU (5 steps, bf16): per-step losses.
+pipeline   every pipeline schedule (GPipe, 1F1B, interleaved ZB, ZBV) with `--pp` stages x `--gpus`/`--pp` FSDP2
+           replicas, bf16, `--pp-batches` microbatches of 1 x --seq a replica and step (10 steps), against one GPU
+           accumulating the same global batch: per-step losses, tokens/s, per-GPU peak memory, and the schedule
+           report (step time and idle share of every rank).
 Prints a table per part and appends JSON lines to benchmarks/results.jsonl.
 """
 
@@ -49,7 +53,7 @@ def model_config(name: str):
     if name == "tiny":  # a CPU smoke test of the script (gloo)
         import transformers
 
-        return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     return llama_3_1_8b_config()
 
@@ -74,7 +78,11 @@ def _peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
 
 
-def _train_worker(rank, world, port, args, precision, offload, steps, out):
+def _train_worker(rank, world, port, args, precision, offload, steps, accum, schedule, out):
+    """`steps` steps of `accum` batches a replica; FSDP2 over `world` ranks, or with a pipeline `schedule`,
+    args.pp stages x world / args.pp replicas."""
+    import json
+
     from qlora_fsdp.batches import FixedBatches
     from qlora_fsdp.model import random_model
     from qlora_fsdp.train import TrainConfig, TrainLoop
@@ -83,15 +91,19 @@ def _train_worker(rank, world, port, args, precision, offload, steps, out):
     config = model_config(args.config)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     model = random_model(config, dtype=dtype, device=device, seed=0)
+    pipeline = {"pp": args.pp, "pp_schedule": schedule, "pp_report": True, "nproc": world} if schedule else {}
+    replicas = world // args.pp if schedule else world
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision=precision, activation_checkpointing=True, lora_r=16,
-                      lora_alpha=32, lr=2e-4, warmup_steps=5, max_steps=steps, grad_accum=args.gpus // world,
-                      cpu_offload=offload, progress=False, device=device, seed=0)  # fmt: skip
-    batches = copy_task_batches(steps * args.gpus, args.seq, config.vocab_size)
+                      lora_alpha=32, lr=2e-4, warmup_steps=5, max_steps=steps, grad_accum=accum, batch_size=1,
+                      max_length=args.seq, cpu_offload=offload, progress=False, device=device, seed=0, **pipeline)  # fmt: skip
+    batches = copy_task_batches(steps * accum * replicas, args.seq, config.vocab_size)
     loop = TrainLoop(cfg, model=model, train_batches=FixedBatches(batches))
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     records = [r for r in loop.train() if "loss" in r]
     result = {"records": records, "peak_gb": _peak_gb()}
+    if schedule and rank == 0:
+        result["pp_report"] = json.loads((Path(cfg.output_dir) / "pp_report.json").read_text())
     if args.allgather and world > 1 and precision == "bf16" and not offload:
         result["allgather"] = _layer_allgather_bytes(loop, batches[0])
     torch.save(result, out / f"rank{rank}.pt")
@@ -207,8 +219,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--parts", default="losses,offload,allgather,sft")
+    p.add_argument("--pp", type=int, default=0, help="pipeline stages (part pipeline; default: --gpus)")
+    p.add_argument("--pp-batches", type=int, default=8, help="microbatches a replica and step (part pipeline)")
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved_zb,zbv")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     args = p.parse_args()
+    args.pp = args.pp or args.gpus
     parts = set(args.parts.split(","))
     args.allgather = "allgather" in parts
     if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
@@ -216,19 +232,26 @@ def main() -> None:
     env = {**environment(), "gpus": args.gpus}
     rows = []
     runs = []
+    # (precision, processes, cpu offload, steps, batches a replica and step, pipeline schedule or None)
     if "losses" in parts or "allgather" in parts:
-        runs += [(prec, w, False, args.steps) for prec in ("bf16", "fp16") for w in (1, args.gpus)]
+        runs += [(prec, w, False, args.steps, args.gpus // w, None) for prec in ("bf16", "fp16") for w in (1, args.gpus)]
     if "offload" in parts:
-        runs.append(("bf16", args.gpus, True, 10))
+        runs.append(("bf16", args.gpus, True, 10, 1, None))
+    if "pipeline" in parts:
+        dp = args.gpus // args.pp
+        runs.append(("bf16", 1, False, 10, args.pp_batches * dp, None))  # the one-GPU reference
+        runs += [("bf16", args.gpus, False, 10, args.pp_batches, s) for s in args.schedules.split(",")]
     results = {}
-    for prec, world, offload, steps in runs:
-        out = spawn(_train_worker, world, args, prec, offload, steps)
+    for prec, world, offload, steps, accum, schedule in runs:
+        out = spawn(_train_worker, world, args, prec, offload, steps, accum, schedule)
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
-        results[(prec, world, offload)] = ranks[0]
+        results[(prec, world, offload, accum, schedule)] = ranks[0]
         row = {"bench": "multi_gpu_train", "precision": prec, "world": world, "cpu_offload": offload,
-               "seq": args.seq, "steps": steps, "losses": [r["loss"] for r in ranks[0]["records"]],
-               "peak_gb_per_gpu": [r["peak_gb"] for r in ranks],
+               "seq": args.seq, "steps": steps, "batches_per_step": accum * (world if schedule is None else world // args.pp),
+               "losses": [r["loss"] for r in ranks[0]["records"]], "peak_gb_per_gpu": [r["peak_gb"] for r in ranks],
                "tokens_per_s": steady_tokens_per_s(ranks[0]["records"])}  # fmt: skip
+        if schedule:
+            row.update(pp=args.pp, pp_schedule=schedule, pp_report=ranks[0]["pp_report"])
         if "allgather" in ranks[0]:
             row["allgather"] = ranks[0]["allgather"]
         rows.append(row)
@@ -242,18 +265,28 @@ def main() -> None:
 
     print(f"\n{env['gpu']} x {args.gpus}, torch {env['torch']}; Llama-3.1-8B shape, QLoRA r=16, 1 x {args.seq} a microbatch")
     for prec in ("bf16", "fp16"):
-        one, many = results.get((prec, 1, False)), results.get((prec, args.gpus, False))
+        one, many = results.get((prec, 1, False, args.gpus, None)), results.get((prec, args.gpus, False, 1, None))
         if one and many:
             a = torch.tensor([r["loss"] for r in one["records"]])
             b = torch.tensor([r["loss"] for r in many["records"]])
             rel = ((a - b).abs() / a.abs()).max().item()
             print(f"{prec}: loss {a[0]:.4f} -> {a[-1]:.4f} on 1 GPU, {b[0]:.4f} -> {b[-1]:.4f} on {args.gpus}; "
                   f"max relative difference per step {rel:.2e}")  # fmt: skip
-    print(f"{'run':<26}{'tokens/s':>10}{'peak GB / GPU':>16}")
+    ref = next((r for r in rows if r["world"] == 1 and r.get("batches_per_step") == args.pp_batches * (args.gpus // args.pp)
+                and "pipeline" in parts), None)  # fmt: skip
+    print(f"{'run':<34}{'tokens/s':>10}{'peak GB / GPU':>16}")
     for r in rows:
-        if r["bench"] == "multi_gpu_train":
+        if r["bench"] == "multi_gpu_train" and "pp_schedule" in r:
+            rel = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])) if ref else float("nan")
+            name = f"pipeline {r['pp_schedule']} {r['pp']}x{r['world'] // r['pp']}"
+            print(f"{name:<34}{r['tokens_per_s']:>10,.0f}{max(r['peak_gb_per_gpu']):>16.1f}   losses vs 1 GPU: max rel {rel:.1e}")
+            for k in r["pp_report"]["ranks"]:
+                print(f"    rank {k['rank']} stages {k['stages']}: {k['step_ms']:.0f} ms a step, idle {100 * k['idle']:.1f}%, "
+                      f"peak {r['peak_gb_per_gpu'][k['rank']]:.1f} GB")  # fmt: skip
+        elif r["bench"] == "multi_gpu_train":
             name = f"{r['precision']} {r['world']} GPU" + (" + CPU offload" if r["cpu_offload"] else "")
-            print(f"{name:<26}{r['tokens_per_s']:>10,.0f}{max(r['peak_gb_per_gpu']):>16.1f}")
+            name += f" ({r['batches_per_step']} x 1x{args.seq} a step)"
+            print(f"{name:<34}{r['tokens_per_s']:>10,.0f}{max(r['peak_gb_per_gpu']):>16.1f}")
             if "allgather" in r:
                 ag = r["allgather"]
                 print(f"  all-gather of one decoder layer: recorded {ag['recorded_per_allgather'][:3]} bytes; its NF4 bytes "

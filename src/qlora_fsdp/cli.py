@@ -101,6 +101,7 @@ def _train(args: argparse.Namespace) -> int:
             if k in {f.name for f in fields(TrainConfig)}:
                 given.setdefault(k, v)
     cfg = TrainConfig(**given)
+    cfg.validate()  # bad options fail here, before any worker starts
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_workers(cfg)
     with _ProcessGroup(cfg):

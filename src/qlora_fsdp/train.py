@@ -75,6 +75,12 @@ class TrainConfig:
     nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
     fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction
     cpu_offload: bool = False  # CPUOffloadPolicy: sharded parameters, gradients and optimizer states on the host
+    # pipeline parallelism (parallel/pipeline.py): nproc = pp stages x data-parallel (FSDP2) replicas
+    pp: int = 1  # pipeline stages (ranks per pipeline)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_zb | zbv (the last two: 2 stages per rank)
+    pp_microbatches: int = 0  # microbatches per step and replica; 0: grad_accum, or 2 x pp if grad_accum < pp
+    pp_layers: str = ""  # decoder layers per stage, e.g. "3,5"; "": balanced by count
+    pp_report: bool = False  # time every stage pass: step time and idle share per rank (pp_report.json)
     seed: int = 0
     # bookkeeping
     log_every: int = 1
@@ -94,6 +100,37 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.packing and self.max_tokens < self.max_length:
             raise TrainError(f"--max-tokens {self.max_tokens} < --max-length {self.max_length}: raise --max-tokens")
+        if self.pp > 1:
+            self._validate_pipeline()
+
+    def microbatches(self) -> int:
+        """Pipeline microbatches a step and replica: --pp-microbatches, else grad_accum if that is at least pp
+        (each batch one microbatch), else 2 x pp (the batches' rows split evenly)."""
+        if self.pp_microbatches:
+            return self.pp_microbatches
+        return self.grad_accum if self.grad_accum >= self.pp else 2 * self.pp
+
+    def _validate_pipeline(self) -> None:
+        from .parallel.pipeline import SCHEDULES, ZERO_BUBBLE
+
+        if self.pp_schedule not in SCHEDULES:
+            raise TrainError(f"--pp-schedule {self.pp_schedule}: choose one of {', '.join(SCHEDULES)}")
+        if self.nproc > 1 and self.nproc % self.pp:
+            raise TrainError(f"--nproc {self.nproc} is not a multiple of --pp {self.pp}: the ranks form pp x dp")
+        if self.precision == "fp16":
+            raise TrainError("--precision fp16 with --pp: the fp16 overflow check does not span stages; use bf16")
+        if self.packing:
+            raise TrainError("--packing with --pp: a pipeline needs padded batches of one shape; drop --packing")
+        if self.compile and self.pp_schedule in ZERO_BUBBLE:
+            raise TrainError(f"--pp-schedule {self.pp_schedule}: torch.distributed.pipelining refuses zero-bubble "
+                             "schedules with compiled stages; drop --compile or use --pp-schedule 1f1b / gpipe")  # fmt: skip
+        mb = self.microbatches()
+        if (self.grad_accum * self.batch_size) % mb:
+            raise TrainError(f"--pp-microbatches {mb} does not divide a step's {self.grad_accum * self.batch_size} "
+                             "rows per replica (grad_accum x batch_size)")  # fmt: skip
+        if mb < self.pp:
+            raise TrainError(f"{mb} microbatches a step for --pp {self.pp} leave stages idle: raise --grad-accum "
+                             f"or --pp-microbatches to at least {self.pp}")  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -166,6 +203,13 @@ def add_lora(model, cfg: TrainConfig):
 
 
 class TrainLoop:
+    def __new__(cls, cfg: TrainConfig, *args, **kwargs):
+        if cfg.pp > 1 and cls is TrainLoop:  # TrainLoop(cfg) with cfg.pp > 1 runs the pipeline loop
+            from .train_pipeline import PipelineTrainLoop
+
+            return super().__new__(PipelineTrainLoop)
+        return super().__new__(cls)
+
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, train_batches=None, eval_batches=None):
         cfg.validate()
         self.cfg = cfg
@@ -192,22 +236,18 @@ class TrainLoop:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rank, self.world = _rank_and_world()
-        if self.world > 1:
-            from .parallel import apply_fsdp
-
-            apply_fsdp(self.model, **fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None,
-                                                   cpu_offload=cfg.cpu_offload, pin_memory=self.device.type == "cuda"))
+        self.replicas = self.world  # data-parallel replicas: each runs grad_accum batches a step
         from .compile import token_loss_sum
 
         self._loss_sum = token_loss_sum
-        if cfg.compile:  # after checkpointing and FSDP2 (their hooks stay around the compiled layers)
-            from .compile import compile_loss, compile_model
+        if cfg.compile:
+            from .compile import compile_loss
 
-            compile_model(self.model, backend=cfg.compile_backend)
             self._loss_sum = compile_loss(backend=cfg.compile_backend)
+        self._parallelize()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.world))
+        steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.replicas))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         from transformers import get_cosine_schedule_with_warmup
 
@@ -217,6 +257,19 @@ class TrainLoop:
         self.step = 0
         self.records: list[dict] = []
         self._stream = None
+
+    def _parallelize(self) -> None:
+        """FSDP2 over all ranks (several processes), then torch.compile of the layers (--compile)."""
+        cfg = self.cfg
+        if self.world > 1:
+            from .parallel import apply_fsdp
+
+            apply_fsdp(self.model, **fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None,
+                                                   cpu_offload=cfg.cpu_offload, pin_memory=self.device.type == "cuda"))
+        if cfg.compile:  # after checkpointing and FSDP2 (their hooks stay around the compiled layers)
+            from .compile import compile_model
+
+            compile_model(self.model, backend=cfg.compile_backend)
 
     # -- batches ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:
@@ -333,7 +386,7 @@ class TrainLoop:
             dcp.save(self._trainable_state(), checkpoint_id=str(tmp / "dcp"))
         lora = self.lora_state_dict() if self.world > 1 else None  # a collective under FSDP
         if self.rank == 0:
-            self.model.save_pretrained(tmp, state_dict=lora)
+            self._save_adapter(tmp, lora)
             state = {
                 "step": self.step, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": rng_state(), "data": self.batches.state_dict(), "records": self.records,
@@ -370,12 +423,16 @@ class TrainLoop:
 
         return full_lora_state_dict(self.model)
 
+    def _save_adapter(self, directory: Path, lora: dict | None) -> None:
+        """The adapter in PEFT format (adapter_config.json, adapter_model.safetensors); `lora`: gathered weights."""
+        self.model.save_pretrained(directory, state_dict=lora)
+
     def save_final(self) -> None:
         lora = self.lora_state_dict() if self.world > 1 else None  # a collective: every rank takes part
         if self.rank != 0:
             return
         with atomic_dir(self.out / "adapter") as tmp:
-            self.model.save_pretrained(tmp, state_dict=lora)
+            self._save_adapter(tmp, lora)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
         lines = "".join(json.dumps(r) + "\n" for r in self.records)

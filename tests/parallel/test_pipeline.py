@@ -2,6 +2,7 @@
 one-process per-step losses and final LoRA weights for the same global batch; zero-bubble really defers the LoRA
 weight gradients to the weight pass."""
 
+import json
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from qlora_fsdp.compile import token_loss_sum
 from qlora_fsdp.model import load_model
 from qlora_fsdp.train import TrainConfig, add_lora, seed_everything
 from tests.parallel.test_fsdp import free_port
-from tests.test_train import synthetic_examples
+from tests.test_train import ListBatches, collate, synthetic_examples
 
 STEPS, BATCH, T, MICRO = 3, 8, 20, 4
 PP = 2
@@ -194,3 +195,112 @@ def test_bad_pipeline_setups_are_one_line_errors(tmp_path):
     compile_model(model, backend="eager")
     with pytest.raises(PipelineError, match="refuses zero-bubble schedules with compiled stages"):
         build_pipeline(model, "zbv", 0, 2, n_microbatches=4, loss_fn=None)
+
+
+# -- the training loop over a pipeline (TrainLoop with cfg.pp > 1) -------------------------------------------------
+LOOP_STEPS = 6
+
+
+def make_loop(out, model_dir, **options):
+    from qlora_fsdp.train import TrainLoop
+
+    batches = [collate(synthetic_examples(n=48)[i : i + 4]) for i in range(0, 48, 4)]
+    cfg = TrainConfig(output_dir=str(out), max_steps=LOOP_STEPS, lr=5e-3, warmup_steps=2, progress=False,
+                      device="cpu", lora_r=4, lora_alpha=8, precision="fp32", batch_size=4, max_length=20,
+                      max_grad_norm=0.05, **options)  # fmt: skip  (a small norm: clipping acts in every step)
+    return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device="cpu"),
+                     train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
+
+
+def _loop_worker(rank, world, port, out, options):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loop = make_loop(out / "pp", out / "model", nproc=world, **options)
+        records = loop.train()
+        lora = loop.lora_state_dict()  # every stage's, on rank 0
+        if rank == 0:
+            torch.save({"records": records, "lora": lora}, out / "pp.pt")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.timeout(420)
+def test_train_loop_pp_by_fsdp_equals_one_process(tmp_path):
+    """TrainLoop on 4 ranks (2 stages x 2 FSDP2 replicas, ZBV, activation checkpointing, clipping over the stages):
+    per-step losses, gradient norms, eval losses and the saved adapter equal one process."""
+    import peft
+    from safetensors.torch import load_file
+
+    model_dir = four_layer_llama(tmp_path / "model")
+    options = {"pp": 2, "pp_schedule": "zbv", "grad_accum": 2, "activation_checkpointing": True, "pp_report": True}
+    mp.spawn(_loop_worker, args=(4, free_port(), tmp_path, options), nprocs=4, join=True)
+    got = torch.load(tmp_path / "pp.pt", weights_only=False)
+    ref_loop = make_loop(tmp_path / "one", model_dir, grad_accum=4)  # one process, the same 4 batches a step
+    ref = ref_loop.train()
+    col = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731
+    for k in ("loss", "grad_norm", "eval_loss"):
+        torch.testing.assert_close(col(got["records"], k), col(ref, k), rtol=1e-5, atol=0, msg=lambda m: f"{k}: {m}")
+    assert len(col(ref, "eval_loss")) == 2 and all(r["grad_norm"] > 0.05 for r in ref[1:])  # clipping acted
+    ref_lora = ref_loop.lora_state_dict()
+    assert got["lora"].keys() == ref_lora.keys()
+    for k in ref_lora:
+        torch.testing.assert_close(got["lora"][k], ref_lora[k], rtol=1e-4, atol=3e-5)
+    saved = load_file(tmp_path / "pp" / "adapter" / "adapter_model.safetensors")  # what rank 0 wrote, PEFT format
+    model = peft.PeftModel.from_pretrained(load_model(model_dir, dtype=torch.float32, device="cpu"),
+                                           tmp_path / "pp" / "adapter")  # fmt: skip
+    assert len(saved) == len(ref_lora) and model.peft_config["default"].r == 4
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert loaded.keys() == ref_lora.keys() and all(torch.equal(loaded[k], got["lora"][k]) for k in loaded)
+    report = json.loads((tmp_path / "pp" / "pp_report.json").read_text())
+    assert report["schedule"] == "zbv" and [r["stages"] for r in report["ranks"]] == [[0, 3], [0, 3], [1, 2], [1, 2]]
+    assert all(0 <= r["idle"] < 1 and r["step_ms"] > r["busy_ms"] > 0 for r in report["ranks"])
+
+
+@pytest.mark.timeout(300)
+def test_cli_pp_2_trains_reports_the_schedule_and_writes_a_peft_adapter(tmp_path, capfd):
+    import peft
+
+    from qlora_fsdp.cli import main
+    from qlora_fsdp.model import embedded_model_dir
+
+    out = tmp_path / "run"
+    args = ["train", "--nproc", "2", "--pp", "2", "--pp-schedule", "interleaved_zb", "--pp-report", "--max-steps", "3",
+            "--max-length", "64", "--batch-size", "8", "--output-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capfd.readouterr().out  # the workers' output
+    assert "pipeline interleaved_zb: 2 stages x 1 replicas, 4 microbatches a step" in printed
+    report = json.loads((out / "pp_report.json").read_text())
+    assert [r["stages"] for r in report["ranks"]] == [[0, 2], [1, 3]]
+    from qlora_fsdp.cli import EMBEDDED_DEFAULTS
+    from qlora_fsdp.train import TrainLoop
+
+    one = TrainConfig(**{**EMBEDDED_DEFAULTS, "max_steps": 3, "max_length": 64, "batch_size": 8, "progress": False,
+                         "output_dir": str(tmp_path / "one")})  # fmt: skip  (the same run on one process)
+    ref = TrainLoop(one).train()
+    got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for k in ("loss", "eval_loss"):
+        torch.testing.assert_close(torch.tensor([r[k] for r in got if k in r]), torch.tensor([r[k] for r in ref if k in r]),
+                                   rtol=1e-5, atol=0)  # fmt: skip
+    model = peft.PeftModel.from_pretrained(load_model(embedded_model_dir(), dtype=torch.float32, device="cpu"),
+                                           out / "adapter")  # fmt: skip
+    assert sum("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters()) == 4 * 7  # all trained
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "3", "--pp", "2"], "--nproc 3 is not a multiple of --pp 2"),
+    (["--nproc", "2", "--pp", "2", "--precision", "fp16"], "fp16 overflow check does not span stages"),
+    (["--nproc", "2", "--pp", "2", "--compile", "--pp-schedule", "zbv"], "refuses zero-bubble schedules"),
+    (["--nproc", "2", "--pp", "2", "--pp-schedule", "dualpipe"], "choose one of gpipe, 1f1b"),
+    (["--nproc", "2", "--pp", "2", "--packing"], "--packing with --pp"),
+    (["--nproc", "2", "--pp", "2", "--pp-microbatches", "3"], "does not divide"),
+])  # fmt: skip
+def test_cli_bad_pipeline_options_are_one_line_errors(args, message, capsys):
+    from qlora_fsdp.cli import main
+
+    assert main(["train", "--max-steps", "1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -101,8 +101,20 @@ def stage_indices(schedule: str, rank: int, pp: int) -> list[int]:
     return [rank, 2 * pp - 1 - rank]
 
 
+def stage_owner(schedule: str, stage: int, pp: int) -> int:
+    """The pp rank that runs `stage` (the inverse of stage_indices)."""
+    if schedule in ("gpipe", "1f1b"):
+        return stage
+    if schedule == "interleaved_zb":
+        return stage % pp
+    return stage if stage < pp else 2 * pp - 1 - stage
+
+
 def n_stages(schedule: str, pp: int) -> int:
     return pp * SCHEDULES[schedule][1]
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @dataclass
@@ -111,6 +123,42 @@ class Pipeline:
     modules: list[DecoderStage]  # this rank's stage modules (FSDP2-sharded over dp when a dp mesh was given)
     stages: list = field(default_factory=list)  # their PipelineStage objects
     has_last: bool = False  # whether this rank runs the last stage (it alone sees the losses)
+    name: str = "1f1b"
+    pp: int = 1
+    group: object = None  # the pp process group (None: the default group)
+
+    @torch.no_grad()
+    def forward_only(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Logits (B, T, V) of a batch run through every stage in order, without a schedule (evaluation); on the
+        rank of the last stage, None on the others. Every rank of the pp group calls it."""
+        import torch.distributed as dist
+
+        total = n_stages(self.name, self.pp)
+        mine = {st.stage_index: mod for st, mod in zip(self.stages, self.modules)}
+        peer = lambda s: dist.get_global_rank(self.group, stage_owner(self.name, s, self.pp)) if self.group else stage_owner(self.name, s, self.pp)  # noqa: E731
+        h = input_ids
+        for s in sorted(mine):
+            if s > 0 and s - 1 not in mine:  # (B, T, H) from the previous stage's rank, its dtype code first
+                code = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+                dist.recv(code, peer(s - 1), group=self.group)
+                h = torch.empty(*input_ids.shape, mine[s].config.hidden_size, dtype=_DTYPES[int(code)],
+                                device=input_ids.device)  # fmt: skip
+                dist.recv(h, peer(s - 1), group=self.group)
+            h = mine[s](h, attention_mask)
+            if s < total - 1 and s + 1 not in mine:
+                dist.send(torch.tensor([_DTYPES.index(h.dtype)], device=h.device), peer(s + 1), group=self.group)
+                dist.send(h.contiguous(), peer(s + 1), group=self.group)
+        self.reshard()
+        return h if total - 1 in mine else None
+
+    def reshard(self) -> None:
+        """Free the gathered FSDP2 parameters (the stages keep them from a forward until the schedule's reduction)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for mod in self.modules:
+            for m in mod.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
 
 def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_microbatches: int, loss_fn,
@@ -143,7 +191,7 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
     cls = getattr(pipelining, cls_name)
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
                 scale_grads=False)  # fmt: skip
-    return Pipeline(sched, mods, stages, has_last=any(st.is_last for st in stages))
+    return Pipeline(sched, mods, stages, has_last=any(st.is_last for st in stages), name=schedule, pp=pp, group=group)
 
 
 def _shard_stage(mod: DecoderStage, dp_mesh, options: dict) -> None:

@@ -1,0 +1,180 @@
+"""The training loop over a pipeline: `TrainLoop(cfg)` with `cfg.pp > 1` (the CLI's `--nproc N --pp P`).
+
+The N ranks form a 2-D mesh of P pipeline stages x D = N / P data-parallel replicas (FSDP2 inside each stage when
+D > 1). A step takes grad_accum x D batches, like the FSDP2 loop; replica d runs batches d, d + D, ... through the
+pipeline as one (grad_accum x batch_size, max_length) block cut into microbatches (cfg.microbatches()).
+Every batch is padded to max_length columns and batch_size rows (filler rows predict nothing), because the stages
+size their send and receive buffers once.
+
+The loss of a microbatch is its token cross-entropy sum x D / (label tokens of the whole step), so the step equals
+one process running all the batches (FSDP2 averages over D). Gradient clipping takes the norm over all stages:
+each rank's squared norm (already summed over dp by DTensor) is summed over the pp group.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import atomic_write_text
+from .parallel.fsdp import fsdp_policies, full_lora_state_dict
+from .train import TrainError, TrainLoop
+
+
+class PipelineTrainLoop(TrainLoop):
+    def _parallelize(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .parallel.pipeline import ScheduleTimer, build_pipeline, keep_only
+
+        cfg = self.cfg
+        if self.world < cfg.pp or self.world % cfg.pp:
+            raise TrainError(f"--pp {cfg.pp} on {self.world} process(es): use --nproc {cfg.pp} or a multiple of it")
+        self.dp = self.replicas = self.world // cfg.pp
+        mesh = init_device_mesh(self.device.type, (cfg.pp, self.dp), mesh_dim_names=("pp", "dp"))
+        self.pp_rank, self.dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+        self.pp_group = mesh.get_group("pp")
+        self.n_microbatches = cfg.microbatches()
+        self._loss_scale = 1.0  # dp / label tokens of the step while training
+        layers = [int(x) for x in cfg.pp_layers.split(",") if x.strip()] if cfg.pp_layers else None
+        policies = fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None, cpu_offload=cfg.cpu_offload,
+                                 pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.pipe = build_pipeline(
+            self.model, cfg.pp_schedule, self.pp_rank, cfg.pp, n_microbatches=self.n_microbatches,
+            loss_fn=lambda logits, labels: self._loss_sum(logits, labels) * self._loss_scale, device=self.device,
+            group=self.pp_group, dp_mesh=mesh["dp"] if self.dp > 1 else None, fsdp=policies, layers_per_stage=layers,
+            compute_dtype=self.dtype,
+        )  # fmt: skip
+        if cfg.compile:  # 1F1B / GPipe only (TrainConfig.validate)
+            from .compile import compile_model
+
+            compile_model(self.model, backend=cfg.compile_backend)
+        keep_only(self.model, self.pipe.modules)  # this rank keeps its stages' weights only
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.timer = ScheduleTimer(self.pipe.stages, self.device) if cfg.pp_report else None
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def _block(self, batches: list[dict]) -> dict:
+        """The replica's batches as one (grad_accum x batch_size, max_length) block on the device; missing batches
+        and rows are filler: attending to their own pad tokens (no fully masked row), with no label."""
+        cfg = self.cfg
+        rows, T = cfg.grad_accum * cfg.batch_size, cfg.max_length
+        ids = torch.zeros(rows, T, dtype=torch.long)
+        labels = torch.full((rows, T), -100, dtype=torch.long)
+        mask = torch.ones(rows, T, dtype=torch.long)
+        for i, b in enumerate(batches):
+            r, t = b["input_ids"].shape
+            if r > cfg.batch_size or t > T:
+                raise TrainError(f"a batch of shape {r}x{t} exceeds --batch-size {cfg.batch_size} x --max-length {T}")
+            lo = i * cfg.batch_size
+            ids[lo : lo + r, :t], labels[lo : lo + r, :t] = b["input_ids"], b["labels"]
+            mask[lo : lo + r] = 0
+            mask[lo : lo + r, :t] = b["attention_mask"] if "attention_mask" in b else 1
+        return self._to_device({"input_ids": ids, "labels": labels, "attention_mask": mask})
+
+    def _run(self, x: dict) -> torch.Tensor:
+        """One step of the schedule over the block x; the sum of this rank's microbatch losses (0 off the last
+        stage)."""
+        losses: list[torch.Tensor] = []
+        args = (x["input_ids"],)
+        kwargs = {"attention_mask": x["attention_mask"], "target": x["labels"], "losses": losses}
+        if self.timer is not None:
+            self.timer.step(self.pipe.schedule.step, *args, **kwargs)
+        else:
+            self.pipe.schedule.step(*args, **kwargs)
+        return sum((loss.detach().double().cpu() for loss in losses), torch.zeros((), dtype=torch.float64))
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        self.model.train()
+        batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.dp)]
+        n_tokens = sum(self.label_tokens(b) for b in batches)
+        if n_tokens == 0:
+            raise TrainError("a step without any label token: check --completion-only and the dataset fields")
+        self._loss_scale = self.dp / n_tokens
+        total = self._sum_over_ranks(self._run(self._block(batches[self.dp_rank :: self.dp]))) / self.dp
+        grad_norm = self._clip_over_stages()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": grad_norm, "label_tokens": n_tokens,
+                "tokens": tokens}  # fmt: skip
+
+    def _clip_over_stages(self) -> float:
+        """Clip all stages' gradients to cfg.max_grad_norm by their joint norm; returns that norm."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if hasattr(norm, "full_tensor"):  # DTensor: the norm over the dp shards
+            norm = norm.full_tensor()
+        sq = norm.double() ** 2
+        dist.all_reduce(sq, group=self.pp_group)
+        total = sq.sqrt()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.max_grad_norm, total.to(norm.dtype))
+        return float(total)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss: each eval batch through the stages in turn, forward only (no schedule: torch's
+        `schedule.eval` runs backward actions under the zero-bubble schedules in torch 2.13)."""
+        if self.eval_batches is None:
+            return {}
+        self.model.eval()
+        batches = list(self.eval_batches)
+        n = sum(self.label_tokens(b) for b in batches)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        rounds = -(-len(batches) // self.dp)  # every replica runs as many passes (collectives)
+        for i in range(self.dp_rank, rounds * self.dp, self.dp):
+            b = self._to_device(batches[i % len(batches)])
+            logits = self.pipe.forward_only(b["input_ids"], b.get("attention_mask", torch.ones_like(b["input_ids"])))
+            if logits is not None and i < len(batches):
+                loss_sum += self._loss_sum(logits, b["labels"]).double().cpu()
+        loss_sum = self._sum_over_ranks(loss_sum)
+        return {"eval_loss": float(loss_sum) / max(n, 1), "eval_tokens": n}
+
+    # -- weights and the report ---------------------------------------------------------------------------
+    def lora_state_dict(self) -> dict:
+        """All stages' LoRA weights, whole, on CPU, on rank 0 (other ranks: {}). A collective."""
+        mine = full_lora_state_dict(self.model)  # gathered over dp
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine if self.dp_rank == 0 else {}, parts, dst=0)
+        return {k: v for part in parts or [] for k, v in part.items()}
+
+    def _save_adapter(self, directory, lora: dict) -> None:
+        """PEFT's files written from the gathered weights of all stages: peft's own save_pretrained keeps only the
+        LoRA modules present in this rank's (pruned) model."""
+        from safetensors.torch import save_file
+
+        adapter = self.model.active_adapter
+        save_file({k.replace(f".{adapter}.", "."): v.contiguous() for k, v in lora.items()},
+                  str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+        self.model.peft_config[adapter].save_pretrained(str(directory))
+
+    def schedule_report(self) -> list[dict] | None:
+        """Per rank: its stages, step time and idle share (cfg.pp_report); on rank 0, None elsewhere. A collective."""
+        if self.timer is None:
+            return None
+        mine = {"rank": self.rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank,
+                "stages": [st.stage_index for st in self.pipe.stages], **self.timer.summary()}  # fmt: skip
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        return parts
+
+    def save_final(self) -> None:
+        report = self.schedule_report()
+        super().save_final()
+        if report is not None and self.rank == 0:
+            cfg = self.cfg
+            head = {"schedule": cfg.pp_schedule, "pp": cfg.pp, "dp": self.dp, "microbatches": self.n_microbatches}
+            atomic_write_text(self.out / "pp_report.json", json.dumps({**head, "ranks": report}, indent=1) + "\n")
+            print(f"pipeline {cfg.pp_schedule}: {cfg.pp} stages x {self.dp} replicas, {self.n_microbatches} "
+                  f"microbatches a step")  # fmt: skip
+            for r in report:
+                print(f"  rank {r['rank']} (stages {r['stages']}): {r['step_ms']:.1f} ms a step, busy "
+                      f"{r['busy_ms']:.1f} ms, idle {100 * r['idle']:.1f}%")  # fmt: skip
