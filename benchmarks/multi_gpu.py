@@ -93,7 +93,7 @@ def _train_worker(rank, world, port, args, precision, offload, steps, accum, sch
     model = random_model(config, dtype=dtype, device=device, seed=0)
     pipeline = {"pp": args.pp, "pp_schedule": schedule, "pp_report": True, "nproc": world} if schedule else {}
     replicas = world // args.pp if schedule else world
-    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision=precision, activation_checkpointing=True, lora_r=16,
+    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision=precision, activation_checkpointing=args.ac, lora_r=16,
                       lora_alpha=32, lr=2e-4, warmup_steps=5, max_steps=steps, grad_accum=accum, batch_size=1,
                       max_length=args.seq, cpu_offload=offload, progress=False, device=device, seed=0, **pipeline)  # fmt: skip
     batches = copy_task_batches(steps * accum * replicas, args.seq, config.vocab_size)
@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--pp", type=int, default=0, help="pipeline stages (part pipeline; default: --gpus)")
     p.add_argument("--pp-batches", type=int, default=8, help="microbatches a replica and step (part pipeline)")
     p.add_argument("--schedules", default="gpipe,1f1b,interleaved_zb,zbv")
+    p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     args = p.parse_args()
     args.pp = args.pp or args.gpus
@@ -246,7 +247,7 @@ def main() -> None:
         out = spawn(_train_worker, world, args, prec, offload, steps, accum, schedule)
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
         results[(prec, world, offload, accum, schedule)] = ranks[0]
-        row = {"bench": "multi_gpu_train", "precision": prec, "world": world, "cpu_offload": offload,
+        row = {"bench": "multi_gpu_train", "precision": prec, "world": world, "cpu_offload": offload, "ac": args.ac,
                "seq": args.seq, "steps": steps, "batches_per_step": accum * (world if schedule is None else world // args.pp),
                "losses": [r["loss"] for r in ranks[0]["records"]], "peak_gb_per_gpu": [r["peak_gb"] for r in ranks],
                "tokens_per_s": steady_tokens_per_s(ranks[0]["records"])}  # fmt: skip
