@@ -88,6 +88,10 @@ def _train_worker(rank, world, port, args, precision, offload, steps, accum, sch
     from qlora_fsdp.train import TrainConfig, TrainLoop
 
     device = _join(rank, world, port)
+    if schedule and schedule.endswith(":torch"):  # torch's own weight pass, one autograd call per parameter group
+        import qlora_fsdp.parallel.pipeline as pipeline_module
+
+        pipeline_module.FUSED_WEIGHT_PASS, schedule = False, schedule.removesuffix(":torch")
     config = model_config(args.config)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     model = random_model(config, dtype=dtype, device=device, seed=0)
@@ -221,7 +225,8 @@ def main() -> None:
     p.add_argument("--parts", default="losses,offload,allgather,sft")
     p.add_argument("--pp", type=int, default=0, help="pipeline stages (part pipeline; default: --gpus)")
     p.add_argument("--pp-batches", type=int, default=8, help="microbatches a replica and step (part pipeline)")
-    p.add_argument("--schedules", default="gpipe,1f1b,interleaved_zb,zbv")
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved_zb,zbv",
+                   help="zero-bubble ones with ':torch' use torch's weight pass (one autograd call per group)")
     p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     args = p.parse_args()

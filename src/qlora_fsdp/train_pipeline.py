@@ -79,7 +79,7 @@ class PipelineTrainLoop(TrainLoop):
         """One step of the schedule over the block x; the sum of this rank's microbatch losses (0 off the last
         stage)."""
         losses: list[torch.Tensor] = []
-        args = (x["input_ids"],)
+        args = (x["input_ids"],) if self.pipe.has_first else ()  # torch 2.11 refuses inputs on other stages
         kwargs = {"attention_mask": x["attention_mask"], "target": x["labels"], "losses": losses}
         if self.timer is not None:
             self.timer.step(self.pipe.schedule.step, *args, **kwargs)

@@ -95,7 +95,7 @@ def _worker(rank, world, port, out, model_dir, schedules):
                 n_tok[0] = label_tokens(b)
                 rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)  # this replica's share
                 mb_losses = []
-                pipe.schedule.step(b["input_ids"][rows], attention_mask=b["attention_mask"][rows],
+                pipe.schedule.step(*[b["input_ids"][rows]] * pipe.has_first, attention_mask=b["attention_mask"][rows],
                                    target=b["labels"][rows], losses=mb_losses)  # fmt: skip
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@ and ZBV zero-bubble schedules, optionally with FSDP2 inside each stage (a 2-D me
 
     pipe = build_pipeline(model, "zbv", pp_rank, pp, n_microbatches=4, loss_fn=loss_fn, device=dev,
                           group=mesh.get_group("pp"), dp_mesh=mesh["dp"])
-    pipe.schedule.step(input_ids, attention_mask=mask, target=labels, losses=losses)   # every rank, every step
+    pipe.schedule.step(*([input_ids] if pipe.has_first else []), attention_mask=mask, target=labels, losses=losses)
 
 The model (a transformers Llama-style causal LM, peft-wrapped or not) is cut into stages by decoder layers, balanced
 by count or as given: the first stage also holds the embedding, the last the final norm and lm_head. Each stage
@@ -33,6 +33,7 @@ from ..model import decoder_layers
 SCHEDULES = {"gpipe": ("ScheduleGPipe", 1), "1f1b": ("Schedule1F1B", 1),
              "interleaved_zb": ("ScheduleInterleavedZeroBubble", 2), "zbv": ("ScheduleZBVZeroBubble", 2)}  # fmt: skip
 ZERO_BUBBLE = ("interleaved_zb", "zbv")
+FUSED_WEIGHT_PASS = True  # zero-bubble weight passes in one autograd call (stage_backward_weight_fused)
 
 
 class PipelineError(ValueError):
@@ -122,6 +123,7 @@ class Pipeline:
     schedule: object  # a torch.distributed.pipelining schedule
     modules: list[DecoderStage]  # this rank's stage modules (FSDP2-sharded over dp when a dp mesh was given)
     stages: list = field(default_factory=list)  # their PipelineStage objects
+    has_first: bool = False  # whether this rank runs the first stage (it alone takes the input ids)
     has_last: bool = False  # whether this rank runs the last stage (it alone sees the losses)
     name: str = "1f1b"
     pp: int = 1
@@ -179,6 +181,8 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
         raise PipelineError(f"{schedule}: torch.distributed.pipelining refuses zero-bubble schedules with compiled "
                             "stages; drop --compile or use --pp-schedule 1f1b / gpipe")  # fmt: skip
     cls_name, per_rank = SCHEDULES[schedule]
+    if schedule in ZERO_BUBBLE and FUSED_WEIGHT_PASS:
+        _use_fused_weight_pass()
     total = n_stages(schedule, pp)
     bounds = split_bounds(len(layers), total, layers_per_stage)
     mods, stages = [], []
@@ -191,7 +195,61 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
     cls = getattr(pipelining, cls_name)
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
                 scale_grads=False)  # fmt: skip
-    return Pipeline(sched, mods, stages, has_last=any(st.is_last for st in stages), name=schedule, pp=pp, group=group)
+    return Pipeline(sched, mods, stages, has_first=any(st.is_first for st in stages),
+                    has_last=any(st.is_last for st in stages), name=schedule, pp=pp, group=group)  # fmt: skip
+
+
+def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph: bool = False) -> tuple:
+    """torch.distributed.pipelining's weight pass (`stage_backward_weight`) in one `autograd.grad` call.
+
+    The input pass saves, per group of parameters, the gradients reaching the group's intermediate autograd nodes;
+    torch's weight pass then calls `autograd.grad` once per group: 14 groups per Llama decoder layer with LoRA on
+    its 7 projections, each a Python round trip. Here all groups' edges go into one call. Every intermediate's
+    incoming gradient is pinned to the saved one (a pre-hook), so an intermediate below another one is not counted
+    twice (torch pins per group for the same reason). Returns the parameters' gradients as they were on entry."""
+    from torch.autograd.graph import GradientEdge
+    from torch.distributed.pipelining._backward import _get_grad_fn_or_grad_acc
+
+    acc_to_weight, entry = {}, []
+    for w in weights:
+        acc_to_weight[_get_grad_fn_or_grad_acc(w)] = w
+        entry.append(w.grad)
+    edges, grads, params, hooks = [], [], [], []
+    try:
+        for group in param_groups:
+            saved = group.pop("grads", None)
+            inters = group.pop("intermediates")
+            if saved is None:  # no gradient reached this group
+                continue
+            for grads_tuple, node in zip(saved, inters, strict=True):
+                hooks.append(node.register_prehook(lambda grad_outputs, g=grads_tuple: g))
+                for i, g in enumerate(grads_tuple):
+                    if g is not None:
+                        edges.append(GradientEdge(node, i))
+                        grads.append(g)
+            params.extend(group["params"])
+        if edges and params:
+            dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], grad_outputs=grads,
+                                      retain_graph=retain_graph, allow_unused=True)  # fmt: skip
+            for acc, dw in zip(params, dws):
+                w = acc_to_weight[acc]
+                if dw is None:
+                    continue
+                if w.grad is None:
+                    w.grad = dw
+                else:
+                    w.grad += dw
+    finally:
+        for h in hooks:
+            h.remove()
+    return tuple(entry)
+
+
+def _use_fused_weight_pass() -> None:
+    """Route the stages' weight passes through stage_backward_weight_fused (idempotent)."""
+    import torch.distributed.pipelining.stage as stage_module
+
+    stage_module.stage_backward_weight = stage_backward_weight_fused
 
 
 def _shard_stage(mod: DecoderStage, dp_mesh, options: dict) -> None:
