@@ -1,13 +1,15 @@
 """One QLoRA training step on the Llama-3.1-8B shape: ours against transformers + peft + bitsandbytes, same run.
 
-    python benchmarks/train_step.py [--shapes 1x2048,4x2048,1x8192] [--systems ours,ours_compiled,hf_peft_bnb]
+    python benchmarks/train_step.py [--shapes 1x2048,4x2048,1x8192] [--systems ours,ours_compiled,hf_peft_bnb,
+                                    ours_chunked,ours_compiled_chunked]
                                     [--longest] [--config tiny]
 
 Both models have the same random weights, quantized to NF4 on the GPU one linear at a time (nothing downloaded,
 no 16-bit model materialized); the baseline holds them in bitsandbytes `Linear4bit` modules (the modules
 transformers' bitsandbytes integration puts there), bit-identical to ours. Both: LoRA r=16, alpha 32 on all 7
 projections (peft), activation checkpointing, SDPA, AdamW, bf16 autocast, labels on every token. Ours is the
-`TrainLoop.train_step` a `qlora-fsdp train` run executes (`ours_compiled`: with `--compile`); the baseline is `model(input_ids, labels).loss.backward()`
+`TrainLoop.train_step` a `qlora-fsdp train` run executes (`ours_compiled`: with `--compile`; `*_chunked`: with
+`--chunked-loss`); the baseline is `model(input_ids, labels).loss.backward()`
 + `AdamW.step()`, what `Trainer` does per step.
 
 Per system and batch x sequence: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated over the timed steps,
@@ -86,14 +88,14 @@ class Repeat:
         yield self.batch
 
 
-def ours(config, args, compile=False):
+def ours(config, args, compile=False, chunked=False):
     """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile)."""
     from qlora_fsdp.train import TrainConfig, TrainLoop
 
     model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", activation_checkpointing=True, lora_r=16,
                       lora_alpha=32, lr=1e-4, warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE,
-                      compile=compile)  # fmt: skip
+                      compile=compile, chunked_loss=chunked)  # fmt: skip
     loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
 
     def step(batch):
@@ -138,7 +140,9 @@ def hf_bnb(config, args):
     return step
 
 
-SYSTEMS = {"ours": ours, "ours_compiled": lambda config, args: ours(config, args, compile=True), "hf_peft_bnb": hf_bnb}
+SYSTEMS = {"ours": ours, "ours_compiled": lambda config, args: ours(config, args, compile=True), "hf_peft_bnb": hf_bnb,
+           "ours_chunked": lambda config, args: ours(config, args, chunked=True),
+           "ours_compiled_chunked": lambda config, args: ours(config, args, compile=True, chunked=True)}  # fmt: skip
 
 
 def make_batch(config, b: int, t: int) -> dict:
@@ -231,6 +235,8 @@ def main() -> None:
             n = longest(step, config, 8192, args.longest_cap, args.longest_budget_s)
             rows.append({"system": label, "longest_seq_batch1": n})
             print(rows[-1], flush=True)
+        # system by system: a cut-off session keeps what finished
+        append_results([{**env, "bench": "train_step", "config": args.config, **r} for r in rows if r["system"] == label])
         del step
     base = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "hf_peft_bnb" and "tokens_per_s" in r}
     print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
@@ -257,7 +263,6 @@ def main() -> None:
     for r in rows:
         if "longest_seq_batch1" in r:
             print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens")
-    append_results([{**env, "bench": "train_step", "config": args.config, **r} for r in rows])
 
 
 if __name__ == "__main__":
