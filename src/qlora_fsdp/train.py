@@ -310,13 +310,28 @@ class TrainLoop:
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
         self.model.train()
-        # every rank reads the whole step (grad_accum batches per rank) and works on its share: batches
-        # rank, rank + world, ...; the divisor is the step's label tokens over all ranks, and the factor `world`
-        # undoes FSDP's gradient averaging, so the step equals one process running all the batches
-        batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.world)]
+        batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.replicas)]
         n_tokens = sum(self.label_tokens(b) for b in batches)
         if n_tokens == 0:
             raise TrainError("a step without any label token: check --completion-only and the dataset fields")
+        total = self._forward_backward(batches, n_tokens)
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": grad_norm, "label_tokens": n_tokens,
+                "tokens": tokens}  # fmt: skip
+
+    def _forward_backward(self, batches: list[dict], n_tokens: int) -> torch.Tensor:
+        """Gradients of the step's loss (its `n_tokens` label tokens) into the parameters; the loss (fp64, CPU).
+
+        Every rank reads the whole step (grad_accum batches per rank) and works on its share: batches rank,
+        rank + world, ...; the divisor is the step's label tokens over all ranks, and the factor `world` undoes
+        FSDP's gradient averaging, so the step equals one process running all the batches."""
         total = torch.zeros((), dtype=torch.float64)
         mine = batches[self.rank :: self.world]
         for i, b in enumerate(mine):
@@ -325,20 +340,15 @@ class TrainLoop:
             loss = self._forward_loss_sum(self._to_device(b)) / n_tokens
             self.scaler.scale(loss * self.world).backward()
             total += loss.detach().double().cpu()
-        total = self._sum_over_ranks(total)
+        return self._sum_over_ranks(total)
+
+    def _clip_gradients(self) -> float:
+        """Unscale (fp16) and clip the gradients to cfg.max_grad_norm; their norm before clipping."""
         # fp16 under FSDP2: the gradients are DTensors, and DTensor all-reduces unscale_'s found-inf flag, so every
         # rank skips the step when any rank's shard overflowed (tests/parallel: test_fp16_overflow_on_one_rank...)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
-        lr = self.scheduler.get_last_lr()[0]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), "label_tokens": n_tokens,
-                "tokens": tokens}  # fmt: skip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -88,25 +88,12 @@ class PipelineTrainLoop(TrainLoop):
         return sum((loss.detach().double().cpu() for loss in losses), torch.zeros((), dtype=torch.float64))
 
     # -- one optimizer step -------------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        self.model.train()
-        batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.dp)]
-        n_tokens = sum(self.label_tokens(b) for b in batches)
-        if n_tokens == 0:
-            raise TrainError("a step without any label token: check --completion-only and the dataset fields")
+    def _forward_backward(self, batches: list[dict], n_tokens: int) -> torch.Tensor:
+        """The replica's batches through the schedule; the step's loss over all replicas (fp64, CPU)."""
         self._loss_scale = self.dp / n_tokens
-        total = self._sum_over_ranks(self._run(self._block(batches[self.dp_rank :: self.dp]))) / self.dp
-        grad_norm = self._clip_over_stages()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": grad_norm, "label_tokens": n_tokens,
-                "tokens": tokens}  # fmt: skip
+        return self._sum_over_ranks(self._run(self._block(batches[self.dp_rank :: self.dp]))) / self.dp
 
-    def _clip_over_stages(self) -> float:
+    def _clip_gradients(self) -> float:
         """Clip all stages' gradients to cfg.max_grad_norm by their joint norm; returns that norm."""
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
