@@ -239,7 +239,8 @@ class TrainLoop:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rank, self.world = _rank_and_world()
-        self.replicas = self.world  # data-parallel replicas: each runs grad_accum batches a step
+        self.replicas, self.replica = self.world, self.rank  # data-parallel replicas (each runs grad_accum batches
+        # a step) and this rank's index among them
         from .compile import token_loss_sum
 
         self._loss_sum = token_loss_sum
@@ -358,13 +359,17 @@ class TrainLoop:
         batches = list(self.eval_batches)
         n = sum(self.label_tokens(b) for b in batches)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        rounds = -(-len(batches) // self.world)  # under FSDP every rank runs as many forwards (collectives)
-        for i in range(self.rank, rounds * self.world, self.world):
-            s = self._forward_loss_sum(self._to_device(batches[i % len(batches)]))
-            if i < len(batches):
+        rounds = -(-len(batches) // self.replicas)  # every replica runs as many forwards (collectives)
+        for i in range(self.replica, rounds * self.replicas, self.replicas):
+            s = self._eval_loss_sum(self._to_device(batches[i % len(batches)]))
+            if s is not None and i < len(batches):
                 loss_sum += s.double().cpu()
         loss_sum = self._sum_over_ranks(loss_sum)
         return {"eval_loss": float(loss_sum) / max(n, 1), "eval_tokens": n}
+
+    def _eval_loss_sum(self, batch: dict) -> torch.Tensor | None:
+        """Sum of token cross-entropies of one held-out batch (None on a rank that does not see the loss)."""
+        return self._forward_loss_sum(batch)
 
     def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

@@ -35,6 +35,7 @@ class PipelineTrainLoop(TrainLoop):
         self.dp = self.replicas = self.world // cfg.pp
         mesh = init_device_mesh(self.device.type, (cfg.pp, self.dp), mesh_dim_names=("pp", "dp"))
         self.pp_rank, self.dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+        self.replica = self.dp_rank
         self.pp_group = mesh.get_group("pp")
         self.n_microbatches = cfg.microbatches()
         self._loss_scale = 1.0  # dp / label tokens of the step while training
@@ -106,24 +107,12 @@ class PipelineTrainLoop(TrainLoop):
             torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.max_grad_norm, total.to(norm.dtype))
         return float(total)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Held-out loss: each eval batch through the stages in turn, forward only (no schedule: torch's
-        `schedule.eval` runs backward actions under the zero-bubble schedules in torch 2.13)."""
-        if self.eval_batches is None:
-            return {}
-        self.model.eval()
-        batches = list(self.eval_batches)
-        n = sum(self.label_tokens(b) for b in batches)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        rounds = -(-len(batches) // self.dp)  # every replica runs as many passes (collectives)
-        for i in range(self.dp_rank, rounds * self.dp, self.dp):
-            b = self._to_device(batches[i % len(batches)])
-            logits = self.pipe.forward_only(b["input_ids"], b.get("attention_mask", torch.ones_like(b["input_ids"])))
-            if logits is not None and i < len(batches):
-                loss_sum += self._loss_sum(logits, b["labels"]).double().cpu()
-        loss_sum = self._sum_over_ranks(loss_sum)
-        return {"eval_loss": float(loss_sum) / max(n, 1), "eval_tokens": n}
+    def _eval_loss_sum(self, batch: dict) -> torch.Tensor | None:
+        """One held-out batch through the stages in turn, forward only (no schedule: torch's `schedule.eval` runs
+        backward actions under the zero-bubble schedules in torch 2.13); the loss sum on the last stage's rank."""
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        logits = self.pipe.forward_only(batch["input_ids"], mask)
+        return None if logits is None else self._loss_sum(logits, batch["labels"])
 
     # -- weights and the report ---------------------------------------------------------------------------
     def lora_state_dict(self) -> dict:
