@@ -39,7 +39,14 @@ def environment() -> dict:
 
 
 def append_results(rows: list[dict], path: Path | str | None = None) -> Path:
-    path = Path(path or os.environ.get("QLORA_RESULTS", RESULTS))
+    """Append rows to `path`, $QLORA_RESULTS or benchmarks/results.jsonl; a run without a GPU (a CPU smoke test of a
+    script) goes to a temporary file instead, so that results.jsonl holds GPU measurements only."""
+    path = path or os.environ.get("QLORA_RESULTS")
+    if path is None and not torch.cuda.is_available():
+        import tempfile
+
+        path = Path(tempfile.gettempdir()) / "qlora_fsdp_cpu_results.jsonl"
+    path = Path(path or RESULTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for row in rows:
