@@ -179,5 +179,5 @@ def test_chunked_loss_gives_the_same_curve(tmp_path):
     lora_a, lora_b = a.lora_state_dict(), b.lora_state_dict()
     for k in lora_a:  # summation order differs: Adam turns ~1e-7 into ~1e-5 on a few elements with tiny gradients
         assert (lora_b[k] - lora_a[k]).norm() <= 1e-4 * lora_a[k].norm() + 1e-6, k
-    with pytest.raises(TrainError, match="--chunked-loss runs on one process"):
-        TrainConfig(chunked_loss=True, nproc=2).validate()
+    with pytest.raises(TrainError, match="--chunked-loss does not run with --pp"):
+        TrainConfig(chunked_loss=True, nproc=2, pp=2, grad_accum=2).validate()

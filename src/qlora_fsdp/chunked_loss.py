@@ -1,6 +1,7 @@
 """A memory-lean "lm_head + cross-entropy": the training loss without the (B, T, V) logits tensor.
 
     loss_sum = causal_lm_loss_sum(model, input_ids, labels, attention_mask)  # token_loss_sum(model(...).logits, ...)
+                                                                             # (FSDP2-sharded models too)
     loss_sum = linear_cross_entropy_sum(hidden, lm_head.weight, labels)  # token_loss_sum(hidden @ W.T, labels)
 
 For Llama 3.1 (V = 128,256) the fp32 logits of 8192 tokens take 4.2 GB, and autograd keeps them (or their 16-bit
@@ -11,6 +12,8 @@ so no gradient flows to it and nothing of size V outlives a chunk.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -57,18 +60,35 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
 def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                        chunk_tokens: int = 4096) -> torch.Tensor:  # fmt: skip
-    """`token_loss_sum(model(...).logits, labels)` for a transformers causal LM (peft-wrapped or not), through
-    linear_cross_entropy_sum: the decoder runs as usual, the lm_head only inside the chunked loss.
+    """`token_loss_sum(model(...).logits, labels)` for a transformers causal LM (peft-wrapped or not, sharded with
+    FSDP2 or not), through linear_cross_entropy_sum: the model runs as usual except that its lm_head returns its
+    input, and the head's weight is used inside the chunked loss. The head must be a plain bias-free nn.Linear
+    (ValueError otherwise)."""
+    with head_returns_hidden(model) as head:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits  # fmt: skip  (B, T, H): the final norm's output
+        # under FSDP2 the head's unit gathered its weight in its forward and keeps it until backward
+        # (apply_fsdp: reshard_after_forward=False for the head)
+        weight = head.weight
+    return linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=chunk_tokens)
 
-    The decoder (`base.model`) is called directly, bypassing peft's forward wrapper: that is fine for LoRA, whose
-    layers live inside the decoder modules. The head must be a plain bias-free nn.Linear (ValueError otherwise)."""
+
+@contextmanager
+def head_returns_hidden(model: nn.Module):
+    """Within: `model`'s output head returns its input, so `model(...).logits` are the final hidden states; the
+    head's module hooks (FSDP2's all-gather) still run. Yields the head."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
     head = base.get_output_embeddings()
     _check_plain_head(base, head)
-    decoder_out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)  # fmt: skip
-    hidden = decoder_out.last_hidden_state  # (B, T, H)
-    return linear_cross_entropy_sum(hidden, head.weight, labels, chunk_tokens=chunk_tokens)
+    head.forward = _identity  # an instance attribute over the class's forward, removed on exit
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _check_plain_head(base: nn.Module, head: nn.Module | None) -> None:

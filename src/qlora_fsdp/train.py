@@ -71,7 +71,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
-    chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (chunked_loss.py; 1 process)
+    chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (chunked_loss.py; not --pp)
     # FSDP2 (several processes)
     nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
     fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction
@@ -101,8 +101,8 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.packing and self.max_tokens < self.max_length:
             raise TrainError(f"--max-tokens {self.max_tokens} < --max-length {self.max_length}: raise --max-tokens")
-        if self.chunked_loss and (self.nproc > 1 or self.pp > 1):
-            raise TrainError("--chunked-loss runs on one process for now: drop it or --nproc")
+        if self.chunked_loss and self.pp > 1:
+            raise TrainError("--chunked-loss does not run with --pp yet: drop one of them")
         if self.pp > 1:
             self._validate_pipeline()
 

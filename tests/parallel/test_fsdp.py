@@ -91,6 +91,7 @@ OPTIONS = {
     "bf16_mixed_precision": {"precision": "bf16", "fsdp_mixed_precision": True},
     "fp16_mixed_precision": {"precision": "fp16", "fsdp_mixed_precision": True},  # with the gradient scaler
     "grad_accum_2": {"grad_accum": 2},
+    "chunked_loss": {"chunked_loss": True},  # the head's weight gathered by its FSDP2 unit, used in the chunked loss
     "compile": {"compile": True, "compile_backend": "aot_eager"},  # compiled decoder layers inside FSDP2's hooks  # 2 microbatches a rank per step: one reduce-scatter, after the second
 }
 
