@@ -114,7 +114,7 @@ class TrainConfig:
         return self.grad_accum if self.grad_accum >= self.pp else 2 * self.pp
 
     def _validate_pipeline(self) -> None:
-        from .parallel.pipeline import SCHEDULES, ZERO_BUBBLE
+        from .parallel.pipeline import COMPILED_ZERO_BUBBLE, SCHEDULES, ZERO_BUBBLE
 
         if self.pp_schedule not in SCHEDULES:
             raise TrainError(f"--pp-schedule {self.pp_schedule}: choose one of {', '.join(SCHEDULES)}")
@@ -125,8 +125,7 @@ class TrainConfig:
         if self.packing:
             raise TrainError("--packing with --pp: a pipeline needs padded batches of one shape; drop --packing")
         if self.compile and self.pp_schedule in ZERO_BUBBLE:
-            raise TrainError(f"--pp-schedule {self.pp_schedule}: torch.distributed.pipelining refuses zero-bubble "
-                             "schedules with compiled stages; drop --compile or use --pp-schedule 1f1b / gpipe")  # fmt: skip
+            raise TrainError(f"--pp-schedule {self.pp_schedule}: {COMPILED_ZERO_BUBBLE}")
         mb = self.microbatches()
         if (self.grad_accum * self.batch_size) % mb:
             raise TrainError(f"--pp-microbatches {mb} does not divide a step's {self.grad_accum * self.batch_size} "
@@ -268,12 +267,17 @@ class TrainLoop:
         if self.world > 1:
             from .parallel import apply_fsdp
 
-            apply_fsdp(self.model, **fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None,
-                                                   cpu_offload=cfg.cpu_offload, pin_memory=self.device.type == "cuda"))
+            apply_fsdp(self.model, **self._fsdp_policies())
         if cfg.compile:  # after checkpointing and FSDP2 (their hooks stay around the compiled layers)
             from .compile import compile_model
 
             compile_model(self.model, backend=cfg.compile_backend)
+
+    def _fsdp_policies(self) -> dict:
+        """FSDP2's mixed-precision and CPU-offload policies for this run's options."""
+        cfg = self.cfg
+        return fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None, cpu_offload=cfg.cpu_offload,
+                             pin_memory=self.device.type == "cuda")  # fmt: skip
 
     # -- batches ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:

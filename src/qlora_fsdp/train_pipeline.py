@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_write_text
-from .parallel.fsdp import fsdp_policies, full_lora_state_dict
+from .parallel.fsdp import full_lora_state_dict
 from .train import TrainError, TrainLoop
 
 
@@ -32,20 +32,18 @@ class PipelineTrainLoop(TrainLoop):
         cfg = self.cfg
         if self.world < cfg.pp or self.world % cfg.pp:
             raise TrainError(f"--pp {cfg.pp} on {self.world} process(es): use --nproc {cfg.pp} or a multiple of it")
-        self.dp = self.replicas = self.world // cfg.pp
-        mesh = init_device_mesh(self.device.type, (cfg.pp, self.dp), mesh_dim_names=("pp", "dp"))
-        self.pp_rank, self.dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
-        self.replica = self.dp_rank
+        self.replicas = self.world // cfg.pp  # D, the data-parallel size
+        mesh = init_device_mesh(self.device.type, (cfg.pp, self.replicas), mesh_dim_names=("pp", "dp"))
+        self.pp_rank, self.replica = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
         self.pp_group = mesh.get_group("pp")
         self.n_microbatches = cfg.microbatches()
         self._loss_scale = 1.0  # dp / label tokens of the step while training
         layers = [int(x) for x in cfg.pp_layers.split(",") if x.strip()] if cfg.pp_layers else None
-        policies = fsdp_policies(self.dtype if cfg.fsdp_mixed_precision else None, cpu_offload=cfg.cpu_offload,
-                                 pin_memory=self.device.type == "cuda")  # fmt: skip
         self.pipe = build_pipeline(
             self.model, cfg.pp_schedule, self.pp_rank, cfg.pp, n_microbatches=self.n_microbatches,
             loss_fn=lambda logits, labels: self._loss_sum(logits, labels) * self._loss_scale, device=self.device,
-            group=self.pp_group, dp_mesh=mesh["dp"] if self.dp > 1 else None, fsdp=policies, layers_per_stage=layers,
+            group=self.pp_group, dp_mesh=mesh["dp"] if self.replicas > 1 else None, fsdp=self._fsdp_policies(),
+            layers_per_stage=layers,
             compute_dtype=self.dtype,
         )  # fmt: skip
         if cfg.compile:  # 1F1B / GPipe only (TrainConfig.validate)
@@ -91,8 +89,9 @@ class PipelineTrainLoop(TrainLoop):
     # -- one optimizer step -------------------------------------------------------------------------------
     def _forward_backward(self, batches: list[dict], n_tokens: int) -> torch.Tensor:
         """The replica's batches through the schedule; the step's loss over all replicas (fp64, CPU)."""
-        self._loss_scale = self.dp / n_tokens
-        return self._sum_over_ranks(self._run(self._block(batches[self.dp_rank :: self.dp]))) / self.dp
+        d = self.replicas
+        self._loss_scale = d / n_tokens
+        return self._sum_over_ranks(self._run(self._block(batches[self.replica :: d]))) / d
 
     def _clip_gradients(self) -> float:
         """Clip all stages' gradients to cfg.max_grad_norm by their joint norm; returns that norm."""
@@ -118,9 +117,14 @@ class PipelineTrainLoop(TrainLoop):
     def lora_state_dict(self) -> dict:
         """All stages' LoRA weights, whole, on CPU, on rank 0 (other ranks: {}). A collective."""
         mine = full_lora_state_dict(self.model)  # gathered over dp
-        parts = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(mine if self.dp_rank == 0 else {}, parts, dst=0)
+        parts = self._gather_on_rank0(mine if self.replica == 0 else {})
         return {k: v for part in parts or [] for k, v in part.items()}
+
+    def _gather_on_rank0(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0; None on the others. A collective."""
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, parts, dst=0)
+        return parts
 
     def _save_adapter(self, directory, lora: dict) -> None:
         """PEFT's files written from the gathered weights of all stages: peft's own save_pretrained keeps only the
@@ -136,20 +140,18 @@ class PipelineTrainLoop(TrainLoop):
         """Per rank: its stages, step time and idle share (cfg.pp_report); on rank 0, None elsewhere. A collective."""
         if self.timer is None:
             return None
-        mine = {"rank": self.rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank,
+        mine = {"rank": self.rank, "pp_rank": self.pp_rank, "dp_rank": self.replica,
                 "stages": [st.stage_index for st in self.pipe.stages], **self.timer.summary()}  # fmt: skip
-        parts = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(mine, parts, dst=0)
-        return parts
+        return self._gather_on_rank0(mine)
 
     def save_final(self) -> None:
         report = self.schedule_report()
         super().save_final()
         if report is not None and self.rank == 0:
             cfg = self.cfg
-            head = {"schedule": cfg.pp_schedule, "pp": cfg.pp, "dp": self.dp, "microbatches": self.n_microbatches}
+            head = {"schedule": cfg.pp_schedule, "pp": cfg.pp, "dp": self.replicas, "microbatches": self.n_microbatches}
             atomic_write_text(self.out / "pp_report.json", json.dumps({**head, "ranks": report}, indent=1) + "\n")
-            print(f"pipeline {cfg.pp_schedule}: {cfg.pp} stages x {self.dp} replicas, {self.n_microbatches} "
+            print(f"pipeline {cfg.pp_schedule}: {cfg.pp} stages x {self.replicas} replicas, {self.n_microbatches} "
                   f"microbatches a step")  # fmt: skip
             for r in report:
                 print(f"  rank {r['rank']} (stages {r['stages']}): {r['step_ms']:.1f} ms a step, busy "

@@ -33,6 +33,8 @@ from ..model import decoder_layers
 SCHEDULES = {"gpipe": ("ScheduleGPipe", 1), "1f1b": ("Schedule1F1B", 1),
              "interleaved_zb": ("ScheduleInterleavedZeroBubble", 2), "zbv": ("ScheduleZBVZeroBubble", 2)}  # fmt: skip
 ZERO_BUBBLE = ("interleaved_zb", "zbv")
+COMPILED_ZERO_BUBBLE = ("torch.distributed.pipelining refuses zero-bubble schedules with compiled stages; drop "
+                        "--compile or use --pp-schedule 1f1b / gpipe")  # fmt: skip
 FUSED_WEIGHT_PASS = True  # zero-bubble weight passes in one autograd call (stage_backward_weight_fused)
 
 
@@ -104,11 +106,7 @@ def stage_indices(schedule: str, rank: int, pp: int) -> list[int]:
 
 def stage_owner(schedule: str, stage: int, pp: int) -> int:
     """The pp rank that runs `stage` (the inverse of stage_indices)."""
-    if schedule in ("gpipe", "1f1b"):
-        return stage
-    if schedule == "interleaved_zb":
-        return stage % pp
-    return stage if stage < pp else 2 * pp - 1 - stage
+    return next(r for r in range(pp) if stage in stage_indices(schedule, r, pp))
 
 
 def n_stages(schedule: str, pp: int) -> int:
@@ -124,7 +122,6 @@ class Pipeline:
     modules: list[DecoderStage]  # this rank's stage modules (FSDP2-sharded over dp when a dp mesh was given)
     stages: list = field(default_factory=list)  # their PipelineStage objects
     has_first: bool = False  # whether this rank runs the first stage (it alone takes the input ids)
-    has_last: bool = False  # whether this rank runs the last stage (it alone sees the losses)
     name: str = "1f1b"
     pp: int = 1
     group: object = None  # the pp process group (None: the default group)
@@ -137,7 +134,11 @@ class Pipeline:
 
         total = n_stages(self.name, self.pp)
         mine = {st.stage_index: mod for st, mod in zip(self.stages, self.modules)}
-        peer = lambda s: dist.get_global_rank(self.group, stage_owner(self.name, s, self.pp)) if self.group else stage_owner(self.name, s, self.pp)  # noqa: E731
+        group = self.group or dist.group.WORLD
+
+        def peer(stage: int) -> int:  # the global rank that runs `stage`
+            return dist.get_global_rank(group, stage_owner(self.name, stage, self.pp))
+
         h = input_ids
         for s in sorted(mine):
             if s > 0 and s - 1 not in mine:  # (B, T, H) from the previous stage's rank, its dtype code first
@@ -178,8 +179,7 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
         raise PipelineError(f"{n_microbatches} microbatches for {pp} stages leave ranks idle: use at least {pp}")
     layers = decoder_layers(model)
     if schedule in ZERO_BUBBLE and any(getattr(m, "_compiled_call_impl", None) is not None for m in layers):
-        raise PipelineError(f"{schedule}: torch.distributed.pipelining refuses zero-bubble schedules with compiled "
-                            "stages; drop --compile or use --pp-schedule 1f1b / gpipe")  # fmt: skip
+        raise PipelineError(f"{schedule}: {COMPILED_ZERO_BUBBLE}")
     cls_name, per_rank = SCHEDULES[schedule]
     if schedule in ZERO_BUBBLE and FUSED_WEIGHT_PASS:
         _use_fused_weight_pass()
@@ -195,8 +195,8 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
     cls = getattr(pipelining, cls_name)
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
                 scale_grads=False)  # fmt: skip
-    return Pipeline(sched, mods, stages, has_first=any(st.is_first for st in stages),
-                    has_last=any(st.is_last for st in stages), name=schedule, pp=pp, group=group)  # fmt: skip
+    return Pipeline(sched, mods, stages, has_first=any(st.is_first for st in stages), name=schedule, pp=pp,
+                    group=group)  # fmt: skip
 
 
 def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph: bool = False) -> tuple:
