@@ -1,5 +1,7 @@
 """On a CUDA device: the NF4 base path through the Triton kernel, and a short training run (skipped on CPU)."""
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -106,3 +108,52 @@ def test_embedded_default_compiled_with_inductor_on_cuda_equals_eager(tmp_path, 
     eager, compiled = run(False), run(True)
     print(precision, "per-step relative difference", ((compiled - eager).abs() / eager.abs()).tolist())
     torch.testing.assert_close(compiled, eager, rtol=rtol, atol=0)
+
+
+def test_memory_options_on_cuda(tmp_path):
+    """--embedding-on-cpu frees the embedding's bytes on the GPU; --offload-activations holds the checkpointed
+    layers' inputs in host memory between forward and backward; both give the same losses."""
+    import transformers
+
+    from qlora_fsdp.activation_checkpointing import _OFFLOAD
+    from qlora_fsdp.cpu_embedding import embedding_on_cpu
+    from qlora_fsdp.model import random_model
+
+    from .test_train import ListBatches
+
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+    model = random_model(config, dtype=torch.bfloat16, device="cuda", seed=0)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    embedding_on_cpu(model)
+    freed = before - torch.cuda.memory_allocated()  # the caching allocator counts large blocks in 2 MiB steps
+    assert 32000 * 512 * 2 <= freed <= 32000 * 512 * 2 + 2**21, freed
+    del model
+    ids = torch.randint(0, 32000, (2, 4096), generator=torch.Generator().manual_seed(0))
+    batches = ListBatches([{"input_ids": ids, "labels": ids.clone()}])
+    results = {}
+    for name, kw in {"plain": {}, "cpu_embedding": {"embedding_on_cpu": True},
+                     "offload": {"offload_activations": True}}.items():  # fmt: skip
+        gc.collect()
+        torch.cuda.empty_cache()
+        cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=2, precision="bf16", device="cuda",
+                          progress=False, activation_checkpointing=True, chunked_loss=True, **kw)  # fmt: skip
+        loop = TrainLoop(cfg, model=random_model(config, dtype=torch.bfloat16, device="cuda", seed=0),
+                         train_batches=batches)  # fmt: skip
+        b = loop._to_device(batches.batches[0])
+        torch.cuda.synchronize()
+        rest = torch.cuda.memory_allocated()
+        loss = loop._forward_loss_sum(b)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - rest
+        loss.backward()
+        loop.optimizer.zero_grad(set_to_none=True)
+        losses = [loop.train_step()["loss"] for _ in range(2)]
+        results[name] = (held, losses)
+        assert not [r for r in _OFFLOAD.stack if r() is not None]  # every offloaded input came back
+        del loop, b, loss
+    layer_inputs = 4 * 2 * 4096 * 512 * 2  # 4 checkpointed layers' (B, T, H) bf16 inputs
+    assert results["plain"][0] - results["offload"][0] >= layer_inputs, results
+    for name in ("cpu_embedding", "offload"):  # the same kernels; flash attention's backward may sum in another order
+        torch.testing.assert_close(torch.tensor(results[name][1]), torch.tensor(results["plain"][1]), rtol=1e-3, atol=0)

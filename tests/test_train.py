@@ -45,8 +45,8 @@ def base_model():
 
 
 def run_loop(tmp, batches, steps, stop_at=None, resume=False, **kw):
-    kw = {"lr": 5e-3, "lora_r": 4, "lora_alpha": 8, **kw}
-    cfg = TrainConfig(output_dir=str(tmp), max_steps=steps, precision="fp32", warmup_steps=2, progress=False,
+    kw = {"lr": 5e-3, "lora_r": 4, "lora_alpha": 8, "precision": "fp32", **kw}
+    cfg = TrainConfig(output_dir=str(tmp), max_steps=steps, warmup_steps=2, progress=False,
                       device="cpu", resume=resume, **kw)  # fmt: skip
     loop = TrainLoop(cfg, model=base_model(), train_batches=ListBatches(batches))
     return [r["loss"] for r in loop.train(stop_at) if "loss" in r], loop

@@ -68,7 +68,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (activation_checkpointing.py)
+    ac_keep_layers: int = 0  # with it: the last N layers keep their activations (faster, more memory)
+    offload_activations: bool = False  # with it: the checkpointed layers' inputs wait in pinned host memory (1 GPU)
+    embedding_on_cpu: bool = False  # the frozen input embedding in host memory, lookups on the CPU (1 GPU)
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
     chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (chunked_loss.py; not --pp)
@@ -101,6 +104,14 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.packing and self.max_tokens < self.max_length:
             raise TrainError(f"--max-tokens {self.max_tokens} < --max-length {self.max_length}: raise --max-tokens")
+        if self.ac_keep_layers < 0:
+            raise TrainError(f"--ac-keep-layers must be at least 0 (got {self.ac_keep_layers})")
+        if (self.ac_keep_layers or self.offload_activations) and not self.activation_checkpointing:
+            flag = "--offload-activations" if self.offload_activations else "--ac-keep-layers"
+            raise TrainError(f"{flag} applies to checkpointed layers: add --activation-checkpointing")
+        for flag in ("offload_activations", "embedding_on_cpu"):
+            if getattr(self, flag) and (self.nproc > 1 or self.pp > 1):
+                raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
         if self.chunked_loss and self.pp > 1:
             raise TrainError("--chunked-loss does not run with --pp yet: drop one of them")
         if self.pp > 1:
@@ -231,13 +242,19 @@ class TrainLoop:
             model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.tokenizer = tokenizer
         self.model = add_lora(model, cfg)
-        if cfg.activation_checkpointing:
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rank, self.world = _rank_and_world()
+        if cfg.activation_checkpointing:
+            self._checkpoint_layers()
+        if (cfg.offload_activations or cfg.embedding_on_cpu) and self.world > 1:
+            raise TrainError("--offload-activations and --embedding-on-cpu run on one GPU: drop them, or start one "
+                             "process")  # fmt: skip
+        if cfg.embedding_on_cpu:
+            from .cpu_embedding import embedding_on_cpu
+
+            try:
+                embedding_on_cpu(self.model)
+            except ValueError as e:
+                raise TrainError(f"--embedding-on-cpu: {e}") from None
         self.replicas, self.replica = self.world, self.rank  # data-parallel replicas (each runs grad_accum batches
         # a step) and this rank's index among them
         from .compile import token_loss_sum
@@ -249,7 +266,9 @@ class TrainLoop:
             self._loss_sum = compile_loss(backend=cfg.compile_backend)
         self._parallelize()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # one process on a GPU: AdamW's fused kernel (one launch for all LoRA tensors instead of ~10 per tensor)
+        fused = self.device.type == "cuda" and self.world == 1 and cfg.pp == 1
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.replicas))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         from transformers import get_cosine_schedule_with_warmup
@@ -260,6 +279,18 @@ class TrainLoop:
         self.step = 0
         self.records: list[dict] = []
         self._stream = None
+
+    def _checkpoint_layers(self) -> None:
+        """Activation checkpointing: reentrant in one process (less host time a step), torch's non-reentrant form
+        under FSDP2 and in pipelines (whose split backward needs it)."""
+        from .activation_checkpointing import checkpoint_layers
+        from .model import decoder_layers
+
+        cfg, n = self.cfg, len(decoder_layers(self.model))
+        if cfg.ac_keep_layers > n:
+            raise TrainError(f"--ac-keep-layers {cfg.ac_keep_layers}: the model has {n} decoder layers")
+        checkpoint_layers(self.model, keep_last=cfg.ac_keep_layers, offload=cfg.offload_activations,
+                          reentrant=self.world == 1 and cfg.pp == 1)  # fmt: skip
 
     def _parallelize(self) -> None:
         """FSDP2 over all ranks (several processes), then torch.compile of the layers (--compile)."""
