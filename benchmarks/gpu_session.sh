@@ -7,6 +7,7 @@
 #     train       the embedded default `qlora-fsdp train` on the GPU in bf16, timed
 #     train_step  benchmarks/train_step.py $TRAIN_STEP_ARGS: ours vs transformers + peft + bitsandbytes, 8B shape
 #     multi_gpu   benchmarks/multi_gpu.py $MULTI_GPU_ARGS: FSDP2 on 2 GPUs vs 1, 8B shape
+#     profile     benchmarks/profile_step.py $PROFILE_ARGS: kernel time by category, memory by phase, 8B shape
 # Expects bitsandbytes, datasets, dill, multiprocess and trl unpacked under .device/site (see README, "GPU runs").
 set -u
 export PYTHONPATH="$PWD/src:$PWD/.device/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -33,4 +34,7 @@ case " $PARTS " in *" train_step "*)
 esac
 case " $PARTS " in *" multi_gpu "*)
     python3 benchmarks/multi_gpu.py ${MULTI_GPU_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/multi_gpu.log"; tail -40 "$OUT/multi_gpu.log";;
+esac
+case " $PARTS " in *" profile "*)
+    python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(\|USDT" > "$OUT/profile.log"; tail -80 "$OUT/profile.log";;
 esac

@@ -4,6 +4,9 @@
                                     ours_chunked,ours_compiled_chunked]
                                     [--longest] [--config tiny]
 
+A system of ours takes TrainConfig options after slashes: `ours_compiled_chunked/ac_keep_layers=8`,
+`ours_compiled_chunked/offload_activations=1` (what `qlora-fsdp train --ac-keep-layers 8` runs).
+
 Both models have the same random weights, quantized to NF4 on the GPU one linear at a time (nothing downloaded,
 no 16-bit model materialized); the baseline holds them in bitsandbytes `Linear4bit` modules (the modules
 transformers' bitsandbytes integration puts there), bit-identical to ours. Both: LoRA r=16, alpha 32 on all 7
@@ -19,7 +22,8 @@ model included), the ratio to the baseline, and model-FLOPs utilisation:
                                             6*L*T*d = causal attention (QK^T and PV), forward + backward
     MFU = FLOPs/token * tokens/s / 989 TFLOP/s (H100/H200 dense bf16)
 
---longest finds the longest sequence at batch 1 that fits, per system (doubling, then bisection to 1024).
+--longest finds the longest sequence at batch 1 that fits, per system (doubling from --longest-start, then
+bisection to 1024, within --longest-budget-s).
 """
 
 from __future__ import annotations
@@ -88,14 +92,15 @@ class Repeat:
         yield self.batch
 
 
-def ours(config, args, compile=False, chunked=False):
-    """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile)."""
+def ours(config, args, compile=False, chunked=False, **options):
+    """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile); `options`:
+    more TrainConfig fields."""
     from qlora_fsdp.train import TrainConfig, TrainLoop
 
     model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
-    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", activation_checkpointing=True, lora_r=16,
-                      lora_alpha=32, lr=1e-4, warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE,
-                      compile=compile, chunked_loss=chunked)  # fmt: skip
+    options = {"activation_checkpointing": True, "compile": compile, "chunked_loss": chunked, **options}
+    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lr=1e-4,
+                      warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE, **options)  # fmt: skip
     loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
 
     def step(batch):
@@ -140,9 +145,25 @@ def hf_bnb(config, args):
     return step
 
 
-SYSTEMS = {"ours": ours, "ours_compiled": lambda config, args: ours(config, args, compile=True), "hf_peft_bnb": hf_bnb,
-           "ours_chunked": lambda config, args: ours(config, args, chunked=True),
-           "ours_compiled_chunked": lambda config, args: ours(config, args, compile=True, chunked=True)}  # fmt: skip
+SYSTEMS = {"ours": ours, "ours_compiled": lambda config, args, **o: ours(config, args, compile=True, **o),
+           "hf_peft_bnb": hf_bnb, "ours_chunked": lambda config, args, **o: ours(config, args, chunked=True, **o),
+           "ours_compiled_chunked": lambda config, args, **o: ours(config, args, compile=True, chunked=True, **o)}  # fmt: skip
+
+
+def build_system(spec: str, config, args):
+    """`name[/field=value...]`: SYSTEMS[name], given TrainConfig fields typed from their defaults."""
+    from dataclasses import fields
+
+    from qlora_fsdp.train import TrainConfig
+
+    name, *opts = spec.split("/")
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    options = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        kind = type(defaults[key])
+        options[key] = value not in ("0", "false", "False") if kind is bool else kind(value)
+    return SYSTEMS[name](config, args, **options)
 
 
 def make_batch(config, b: int, t: int) -> dict:
@@ -150,7 +171,9 @@ def make_batch(config, b: int, t: int) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def free_memory():
+def free_memory(between_systems: bool = False):
+    if between_systems:  # the next system's model: its own compiled graphs, not 8 systems' worth per code object
+        torch._dynamo.reset()
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -177,13 +200,18 @@ def time_shape(step, config, b, t, warmup, iters) -> dict:
 
 
 def fits(step, config, t) -> bool:
+    start = time.perf_counter()
     try:
         step(make_batch(config, 1, t))
         sync()
-        return True
+        ok = True
     except torch.OutOfMemoryError:
         free_memory()
-        return False
+        ok = False
+    if DEVICE == "cuda":  # pinned host blocks of offloaded activations: cached per size, freed between probes
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
+    print(f"  batch 1 x {t}: {'fits' if ok else 'out of memory'} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return ok
 
 
 def longest(step, config, start: int, cap: int, budget_s: float) -> int:
@@ -210,8 +238,9 @@ def main() -> None:
     p.add_argument("--systems", default="ours,hf_peft_bnb")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10)
     p.add_argument("--longest", action="store_true")
+    p.add_argument("--longest-start", type=int, default=8192)
     p.add_argument("--longest-cap", type=int, default=262144)
     p.add_argument("--longest-budget-s", type=float, default=150)
     args = p.parse_args()
@@ -220,10 +249,10 @@ def main() -> None:
     env = environment()
     rows = []
     for name in args.systems.split(","):
-        free_memory()
+        free_memory(between_systems=True)
         reset_peak()
         start = time.perf_counter()
-        step = SYSTEMS[name](config, args)
+        step = build_system(name, config, args)
         label = name
         print(f"{label}: model ready in {time.perf_counter() - start:.0f} s, "
               f"{torch.cuda.memory_allocated() / 1e9 if DEVICE == 'cuda' else float('nan'):.2f} GB", flush=True)  # fmt: skip
@@ -232,7 +261,7 @@ def main() -> None:
             print(r, flush=True)
             rows.append(r)
         if args.longest:
-            n = longest(step, config, 8192, args.longest_cap, args.longest_budget_s)
+            n = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
             rows.append({"system": label, "longest_seq_batch1": n})
             print(rows[-1], flush=True)
         # system by system: a cut-off session keeps what finished
@@ -241,18 +270,19 @@ def main() -> None:
     base = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "hf_peft_bnb" and "tokens_per_s" in r}
     print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
           f"{env['gpu']}, torch {env['torch']}")  # fmt: skip
-    print(f"{'system':<18}{'shape':>10}{'tokens/s':>11}{'x base':>8}{'peak GB':>9}{'x base':>8}{'MFU':>7}")
+    width = max([18] + [len(r["system"]) + 2 for r in rows])
+    print(f"{'system':<{width}}{'shape':>10}{'tokens/s':>11}{'x base':>8}{'peak GB':>9}{'x base':>8}{'MFU':>7}")
     for r in rows:
         if "batch" not in r:
             continue
         shape = f"{r['batch']}x{r['seq']}"
         if r.get("oom"):
-            print(f"{r['system']:<18}{shape:>10}{'OOM':>11}")
+            print(f"{r['system']:<{width}}{shape:>10}{'OOM':>11}")
             continue
         ref = base.get((r["batch"], r["seq"]))
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
         mem = f"{r['peak_gb'] / ref['peak_gb']:.2f}" if ref else "-"
-        print(f"{r['system']:<18}{shape:>10}{r['tokens_per_s']:>11,.0f}{speed:>8}{r['peak_gb']:>9.1f}{mem:>8}"
+        print(f"{r['system']:<{width}}{shape:>10}{r['tokens_per_s']:>11,.0f}{speed:>8}{r['peak_gb']:>9.1f}{mem:>8}"
               f"{r['mfu']:>7.1%}")  # fmt: skip
     eager = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "ours" and "tokens_per_s" in r}
     for r in rows:

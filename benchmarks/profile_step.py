@@ -1,0 +1,149 @@
+"""Where a training step's time and memory go: one system of train_step.py, shape by shape, under torch.profiler.
+
+    python benchmarks/profile_step.py [--system ours_compiled_chunked[/field=value...]] [--shapes 1x2048,4x2048]
+                                      [--trace out.json.gz] [--config tiny]
+
+Prints (1) the GPU time per kernel category (matmul, NF4 dequant, attention, fused Triton, other elementwise,
+copies) and the share of the step the GPU is idle, (2) the 25 kernels with the most GPU time, (3) the host ops
+with the most self time, and (4) memory: the model at rest, the peak during forward (loss included) and the peak
+during backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import DEVICE, build_system, make_batch, sync, tiny_config  # noqa: E402
+
+from qlora_fsdp.parallel.memory import llama_3_1_8b_config  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("nf4 dequant", r"nf4|dequant"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("matmul", r"gemm|nvjet|sm90_xmma|cutlass|cublas|splitk|matmul"),
+    ("fused triton (inductor)", r"^triton_"),
+    ("copies", r"memcpy|memset|copy"),
+    ("other elementwise / reductions", r"."),
+]
+
+
+def category(name: str) -> str:
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def busy_us(events) -> float:
+    """GPU time covered by at least one kernel (the union of the kernels' intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    total, end = 0.0, -1.0
+    for s, e in spans:
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def memory_phases(loop, batch) -> dict:
+    """Peak GB during the forward (loss included) and during backward + optimizer of one step."""
+    gb = lambda x: x / 1e9  # noqa: E731
+    b = loop._to_device(batch)
+    n = loop.label_tokens(b)
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    rest = torch.cuda.memory_allocated()
+    loss = loop._forward_loss_sum(b) / n
+    sync()
+    fwd_peak, after_fwd = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    sync()
+    return {"at_rest_gb": gb(rest), "forward_peak_gb": gb(fwd_peak), "held_for_backward_gb": gb(after_fwd - rest),
+            "backward_peak_gb": gb(torch.cuda.max_memory_allocated())}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--system", default="ours_compiled_chunked")
+    p.add_argument("--shapes", default="1x2048")
+    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--trace", default=None, help="write a Chrome trace per shape here: a folder")
+    args = p.parse_args()
+    config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
+    captured = {}
+    import qlora_fsdp.train as train_mod
+
+    original = train_mod.TrainLoop.__init__
+
+    def keep(self, *a, **k):  # the loop the system builds, for the memory phases
+        original(self, *a, **k)
+        captured["loop"] = self
+
+    train_mod.TrainLoop.__init__ = keep
+    step = build_system(args.system, config, args)
+    train_mod.TrainLoop.__init__ = original
+    for shape in args.shapes.split(","):
+        profile_shape(step, captured.get("loop"), config, shape, args)
+
+
+def profile_shape(step, loop, config, shape: str, args) -> None:
+    b, t = (int(x) for x in shape.split("x"))
+    batch = make_batch(config, b, t)
+    for _ in range(3):
+        step(batch)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(batch)
+    sync()
+    step_ms = (time.perf_counter() - start) / args.steps * 1e3
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step(batch)
+        sync()
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace) / f"{shape}.json.gz"))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / args.steps / 1e3  # ms per step
+    busy = busy_us(kernels) / args.steps / 1e3
+    print(f"\n{args.system}, {shape}: step {step_ms:.1f} ms unprofiled; kernels {total:.1f} ms, GPU busy "
+          f"{busy:.1f} ms of the profiled step")  # fmt: skip
+    by_cat, by_name = {}, {}
+    for e in kernels:
+        by_cat[category(e.name)] = by_cat.get(category(e.name), 0.0) + e.device_time
+        n, d = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, d + e.device_time)
+    print(f"{'category':<34}{'ms/step':>9}{'share':>8}")
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"{cat:<34}{us / args.steps / 1e3:>9.1f}{us / args.steps / 1e3 / total:>8.1%}")
+    print(f"\n{'kernel':<90}{'calls':>7}{'ms/step':>9}")
+    for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"{name[:88]:<90}{n // args.steps:>7}{us / args.steps / 1e3:>9.2f}")
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    print(f"\n{'host op (self time)':<90}{'calls':>7}{'ms/step':>9}")
+    for e in cpu:
+        print(f"{e.key[:88]:<90}{e.count // args.steps:>7}{e.self_cpu_time_total / args.steps / 1e3:>9.2f}")
+    if DEVICE == "cuda" and loop is not None:
+        print("\nmemory:", {k: round(v, 2) for k, v in memory_phases(loop, batch).items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
