@@ -85,20 +85,9 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="write a Chrome trace per shape here: a folder")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
-    captured = {}
-    import qlora_fsdp.train as train_mod
-
-    original = train_mod.TrainLoop.__init__
-
-    def keep(self, *a, **k):  # the loop the system builds, for the memory phases
-        original(self, *a, **k)
-        captured["loop"] = self
-
-    train_mod.TrainLoop.__init__ = keep
     step = build_system(args.system, config, args)
-    train_mod.TrainLoop.__init__ = original
     for shape in args.shapes.split(","):
-        profile_shape(step, captured.get("loop"), config, shape, args)
+        profile_shape(step, getattr(step, "loop", None), config, shape, args)  # the baseline has no loop
 
 
 def profile_shape(step, loop, config, shape: str, args) -> None:

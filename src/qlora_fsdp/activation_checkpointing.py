@@ -21,8 +21,8 @@ Two forms, the same gradients:
   on chosen inputs (the zero-bubble pipeline's split backward) and under FSDP2.
 - reentrant: the forward runs without autograd and saves the layer input alone; backward reruns the layer with
   autograd and backpropagates through it. About 90 pack/unpack hook calls fewer per layer and step for a compiled
-  Llama layer (counted on CPU): on an H100 the 1 x 2048 step is bound by the host, not the GPU, and this is host time. It needs an
-  input that requires grad (the embedding output is made to) and an ordinary `backward()`.
+  Llama layer (counted on CPU): on an H100 the 1 x 2048 step is bound by the host, not the GPU, and this is host
+  time. It needs an input that requires grad (the embedding output is made to) and an ordinary `backward()`.
 Both keep the forward's random-number state and autocast for the recomputation.
 
 offload=True (reentrant) moves the saved layer inputs to pinned host memory as they are saved and brings each one

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .model import transformers_model
+
 IGNORE_INDEX = -100
 
 
@@ -89,7 +91,7 @@ def default_chunk_tokens(vocab_size: int) -> int:
 def head_returns_hidden(model: nn.Module):
     """Within: `model`'s output head returns its input, so `model(...).logits` are the final hidden states; the
     head's module hooks (FSDP2's all-gather) still run. Yields the head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+    base = transformers_model(model)
     head = base.get_output_embeddings()
     _check_plain_head(base, head)
     head.forward = _identity  # an instance attribute over the class's forward, removed on exit

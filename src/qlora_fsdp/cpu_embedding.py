@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .model import transformers_model
+
 
 def embedding_on_cpu(model: nn.Module) -> nn.Embedding:
     """Move `model`'s input embedding (transformers causal LM, peft-wrapped or not) to host memory, with hooks that
     run the lookup there and return its output on the device the embedding was on. Returns the embedding."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is emb.weight:
         raise ValueError("the input embedding shares its weight with the output head (tied embeddings): it must stay "

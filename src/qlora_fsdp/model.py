@@ -111,6 +111,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 # Which weights become NF4
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (`get_base_model()`), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a transformers causal LM (`model.model.layers` for Llama, Qwen, Mistral...)."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model import decoder_layers
+from ..model import decoder_layers, transformers_model
 
 # name -> (schedule class name in torch.distributed.pipelining, stages per rank)
 SCHEDULES = {"gpipe": ("ScheduleGPipe", 1), "1f1b": ("Schedule1F1B", 1),
@@ -50,7 +50,7 @@ class DecoderStage(nn.Module):
     def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool,
                  compute_dtype: torch.dtype | None = None):  # fmt: skip
         super().__init__()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+        base = transformers_model(model)
         inner = base.model  # e.g. LlamaModel
         self.config = inner.config
         self.embed_tokens = inner.embed_tokens if first else None
@@ -269,7 +269,7 @@ def _shard_stage(mod: DecoderStage, dp_mesh, options: dict) -> None:
 def keep_only(model: nn.Module, modules: list[DecoderStage]) -> None:
     """Drop from `model` the decoder layers, embedding, norm and lm_head that none of `modules` uses, so a rank
     holds its stages' weights only (their parameter names stay those of the whole model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     inner = base.model
     mine = {id(layer) for m in modules for layer in m.layers.values()}
     layers = decoder_layers(base)
