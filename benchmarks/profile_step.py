@@ -56,9 +56,54 @@ def busy_us(events) -> float:
     return total
 
 
-def memory_phases(loop, batch) -> dict:
-    """Peak GB during the forward (loss included) and during backward + optimizer of one step."""
+def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[tuple[int, list[dict]]]]:
+    """Replay a memory snapshot's allocation trace: (peak bytes above the start, [(size, frames)] of the blocks
+    that the trace allocated and that were live at that peak). Blocks allocated before recording began are
+    not in the trace: the result is what the recorded region added on top of them."""
+    trace = snapshot["device_traces"][device]
+    live, total, peak, peak_at = {}, 0, 0, -1
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+    blocks = {}
+    for ev in trace[: peak_at + 1]:
+        if ev["action"] == "alloc":
+            blocks[ev["addr"]] = (ev["size"], ev.get("frames", []))
+        elif ev["action"] == "free_completed":
+            blocks.pop(ev["addr"], None)
+    return peak, sorted(blocks.values(), key=lambda b: -b[0])
+
+
+def where(frames: list[dict], depth: int = 2) -> str:
+    """The innermost `depth` frames of our code, transformers, peft or inductor's generated code."""
+    keep = [f for f in frames if re.search(r"qlora_fsdp|transformers|peft|torchinductor|benchmarks", f["filename"])]
+    return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in keep[:depth]) or "?"
+
+
+def print_peak_breakdown(snapshot: dict, top: int = 25) -> None:
+    peak, blocks = live_at_peak(snapshot)
+    groups = {}
+    for size, frames in blocks:
+        key = where(frames)
+        n, s = groups.get(key, (0, 0))
+        groups[key] = (n + 1, s + size)
+    print(f"\nlive at the recorded peak, above what was allocated before: {peak / 1e6:.1f} MB in {len(blocks)} blocks")
+    print(f"{'allocated at (innermost first)':<110}{'blocks':>7}{'MB':>9}")
+    for key, (n, s) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{key[:108]:<110}{n:>7}{s / 1e6:>9.1f}")
+
+
+def memory_phases(loop, batch, breakdown: bool = False) -> dict:
+    """Peak GB during the forward (loss included) and during backward + optimizer of one step; with `breakdown`,
+    also print what is live at the step's peak (from a recorded allocation trace)."""
     gb = lambda x: x / 1e9  # noqa: E731
+    if breakdown:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     b = loop._to_device(batch)
     n = loop.label_tokens(b)
     sync()
@@ -72,6 +117,9 @@ def memory_phases(loop, batch) -> dict:
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
     sync()
+    if breakdown:
+        print_peak_breakdown(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
     return {"at_rest_gb": gb(rest), "forward_peak_gb": gb(fwd_peak), "held_for_backward_gb": gb(after_fwd - rest),
             "backward_peak_gb": gb(torch.cuda.max_memory_allocated())}  # fmt: skip
 
@@ -83,6 +131,7 @@ def main() -> None:
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--trace", default=None, help="write a Chrome trace per shape here: a folder")
+    p.add_argument("--peak-breakdown", action="store_true", help="what is live at the step's memory peak")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
     step = build_system(args.system, config, args)
@@ -131,7 +180,7 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     for e in cpu:
         print(f"{e.key[:88]:<90}{e.count // args.steps:>7}{e.self_cpu_time_total / args.steps / 1e3:>9.2f}")
     if DEVICE == "cuda" and loop is not None:
-        print("\nmemory:", {k: round(v, 2) for k, v in memory_phases(loop, batch).items()}, flush=True)
+        print("\nmemory:", {k: round(v, 2) for k, v in memory_phases(loop, batch, args.peak_breakdown).items()}, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ Two forms, the same gradients:
 - reentrant: the forward runs without autograd and saves the layer input alone; backward reruns the layer with
   autograd and backpropagates through it. About 90 pack/unpack hook calls fewer per layer and step for a compiled
   Llama layer (counted on CPU): on an H100 the 1 x 2048 step is bound by the host, not the GPU, and this is host
-  time. It needs an input that requires grad (the embedding output is made to) and an ordinary `backward()`.
+  time. It needs an input that requires grad (the embedding output is made to, `input_grad.py`) and an ordinary
+  `backward()`.
 Both keep the forward's random-number state and autocast for the recomputation.
 
 offload=True (reentrant) moves the saved layer inputs to pinned host memory as they are saved and brings each one
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .input_grad import embedding_output_requires_grad
 from .model import decoder_layers
 
 
@@ -49,8 +51,8 @@ def checkpoint_layers(model: nn.Module, *, keep_last: int = 0, offload: bool = F
     if not 0 <= keep_last <= len(layers):
         raise ValueError(f"keep_last must be between 0 and the {len(layers)} decoder layers, got {keep_last}")
     mode = "offload" if offload else "reentrant" if reentrant else "non-reentrant"
-    if mode != "non-reentrant" and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # reentrant checkpointing: the first layer's input must require grad
+    if mode != "non-reentrant":
+        embedding_output_requires_grad(model)  # reentrant checkpointing: the first layer's input must require grad
     n = len(layers) - keep_last
     for layer in list(layers)[:n]:
         layer.__class__ = _checkpointed_class(type(layer), mode)

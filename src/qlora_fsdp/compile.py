@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .input_grad import embedding_output_requires_grad
 from .model import decoder_layers
 
 
@@ -44,11 +45,10 @@ def _configure(backend: str, model: nn.Module | None = None) -> None:
 def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True) -> nn.Module:
     """Compile every decoder layer of `model` (a transformers causal LM, peft-wrapped or not) in place; returns it.
 
-    The embedding output is made to require grad (peft's `enable_input_require_grads`), so the first layer sees
-    the same kind of input as the others and shares their graph."""
+    The embedding output is made to require grad (`input_grad.py`), so the first layer sees the same kind of input
+    as the others and shares their graph."""
     _configure(backend, model)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    embedding_output_requires_grad(model)
     for layer in decoder_layers(model):
         layer.compile(backend=backend, fullgraph=True, dynamic=dynamic)
     return model

@@ -196,13 +196,17 @@ def memory_gb(device: torch.device) -> float:
 
 
 def add_lora(model, cfg: TrainConfig):
-    """peft LoRA on the NF4 model; adapters in fp32 (peft upcasts them), base frozen."""
+    """peft LoRA on the NF4 model; adapters in fp32 (peft upcasts them), base frozen; the LoRA scaling applied on
+    the rank side (lora_linear.py)."""
     import peft
+
+    from .lora_linear import register_rank_scaled_lora
 
     lora = peft.LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
         target_modules=cfg.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
+    register_rank_scaled_lora(lora)
     try:
         with warnings.catch_warnings():  # peft asks transformers 5.2x for a deprecated flag; nothing for users to do
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -90,7 +90,8 @@ if HAS_TRITON:
         # (BLOCKS, HALF) packed bytes, local offsets in int32 from an int64 base
         byte = q_idx[:, None] * HALF + tl.arange(0, HALF)[None, :]
         bytes_left = tl.cdiv(n, 2) - first * HALF
-        packed = tl.load(data_ptr + first * HALF + byte, mask=None if FULL else byte < bytes_left)
+        packed = tl.load(data_ptr + first * HALF + byte, mask=None if FULL else byte < bytes_left,
+                         eviction_policy="evict_first")  # read once: don't keep it in L1/L2
         hi = tl.load(quant_map_ptr + (packed >> 4).to(tl.int32)) * absmax[:, None]
         lo = tl.load(quant_map_ptr + (packed & 0xF).to(tl.int32)) * absmax[:, None]
         values = tl.interleave(hi, lo)  # (BLOCKS, BLOCKSIZE): high nibble -> even element
@@ -103,7 +104,8 @@ if HAS_TRITON:
             values = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             values = values.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + first * BLOCKSIZE + elem, values, mask=None if FULL else elem < elems_left)
+        tl.store(out_ptr + first * BLOCKSIZE + elem, values, mask=None if FULL else elem < elems_left,
+                 cache_modifier=".cs")  # streaming store
 
 
 def _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out, blocksize, nested_blocksize):
