@@ -5,10 +5,10 @@
 Measured in one run, bf16 output, time per call of back-to-back launches (CUDA events around 20 calls,
 median of 15 batches, weights rotated so that nothing stays in the L2):
 - the ceilings: torch's device copy (read + write), torch's fill (write only), and a Triton kernel with exactly
-  the dequant's memory traffic and no arithmetic (`pattern`): the fastest any dequant of this layout can be;
+  the dequant's memory traffic and no table lookups (`pattern`), and one with its loads only;
 - bitsandbytes' `dequantize_4bit` and the production kernel (`qlora_fsdp.nf4.dequantize_nf4`);
 - variants of the production kernel: cache / eviction hints on the packed load and on the store, a
-  persistent grid, and launch shapes. Each variant is checked bit-exact against the production kernel.
+  persistent grid, the bulk tensor copy engine (TMA, Hopper) for the stores and the loads, and launch shapes. Each variant is checked bit-exact against the production kernel.
 Prints one table (us, share of copy bandwidth, ratio to bitsandbytes); appends JSON lines to the results file.
 """
 
@@ -38,7 +38,7 @@ def _variant_kernel(
     n_tiles,  # programs' worth of work: n / (BLOCKS * BLOCKSIZE), whole tiles only
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
     LOAD_HINT: tl.constexpr,  # 0 none, 1 .cg (L2 only), 2 evict_first
-    STORE_HINT: tl.constexpr,  # 0 none, 1 .cs (streaming), 2 evict_first, 3 .wt
+    STORE_HINT: tl.constexpr,  # 0 none, 1 .cs (streaming), 2 evict_first
     PATTERN: tl.constexpr,  # 1: same loads and stores, no table lookups (the traffic-only ceiling); 2: loads only
     PERSISTENT: tl.constexpr,  # True: a grid of a few programs per SM loops over the tiles
 ):
@@ -74,8 +74,6 @@ def _variant_kernel(
             tl.store(dst, values, cache_modifier=".cs")
         elif STORE_HINT == 2:
             tl.store(dst, values, eviction_policy="evict_first")
-        elif STORE_HINT == 3:
-            tl.store(dst, values, cache_modifier=".wt")
         else:
             tl.store(dst, values)
 
@@ -212,7 +210,13 @@ def main() -> None:
             cfg = {"elements": elements, "warps": warps}
             variants = [("pattern only (no lookups)", run_variant, dict(pattern=1)),
                         ("loads only", run_variant, dict(pattern=2)), ("base", run_variant, {}),
+                        ("load .cg", run_variant, dict(load_hint=1)),
+                        ("load evict_first", run_variant, dict(load_hint=2)),
+                        ("store .cs", run_variant, dict(store_hint=1)),
+                        ("store evict_first", run_variant, dict(store_hint=2)),
                         ("load evict_first + store .cs", run_variant, dict(load_hint=2, store_hint=1)),
+                        ("persistent x8", run_variant, dict(persistent=8)),
+                        ("persistent x16", run_variant, dict(persistent=16)),
                         ("TMA store", run_tma, {}), ("TMA load + store", run_tma, dict(tma_load=True))]  # fmt: skip
             for name, fn, kw in variants:
                 try:

@@ -57,7 +57,7 @@ def main() -> None:
         "CompiledKernel[grid](*args)": per_call_us(lambda: runner(*all_args)),
         "dequantize_nf4": per_call_us(lambda: dequantize_nf4(w, torch.bfloat16)),
     }
-    direct = out.clone().zero_()
+    direct = torch.full_like(out, float("nan"))  # poisoned: every element must be written
     compiled[grid](*all_args[:6], direct, *all_args[7:])
     torch.cuda.synchronize()
     exact = torch.equal(direct, dequantize_nf4(w, torch.bfloat16))
