@@ -139,6 +139,21 @@ def main() -> None:
         profile_shape(step, getattr(step, "loop", None), config, shape, args)  # the baseline has no loop
 
 
+def print_matmuls_by_shape(prof, steps: int, top: int = 30) -> None:
+    """GPU time of the matmul ops by input shapes: which base and LoRA matmuls the step spends its time in."""
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    total = sum(e.device_time_total for e in ops)
+    print(f"\n{'matmul op and input shapes':<90}{'calls':>7}{'ms/step':>9}{'TFLOP/s':>9}   (all matmuls: "
+          f"{total / steps / 1e3:.1f} ms/step)")  # fmt: skip
+    for e in sorted(ops, key=lambda e: -e.device_time_total)[:top]:
+        shapes = [s for s in e.input_shapes if s]
+        a, b = shapes[-2], shapes[-1]  # addmm's bias comes first
+        flops = 2 * a[-2] * a[-1] * b[-1] * e.count
+        tf = flops / e.device_time_total / 1e6 if e.device_time_total else 0.0
+        label = f"{e.key} {a} x {b}"
+        print(f"{label[:88]:<90}{e.count // steps:>7}{e.device_time_total / steps / 1e3:>9.2f}{tf:>9.0f}")
+
+
 def profile_shape(step, loop, config, shape: str, args) -> None:
     b, t = (int(x) for x in shape.split("x"))
     batch = make_batch(config, b, t)
@@ -152,7 +167,7 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     step_ms = (time.perf_counter() - start) / args.steps * 1e3
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(args.steps):
             step(batch)
         sync()
@@ -175,6 +190,7 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     print(f"\n{'kernel':<90}{'calls':>7}{'ms/step':>9}")
     for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"{name[:88]:<90}{n // args.steps:>7}{us / args.steps / 1e3:>9.2f}")
+    print_matmuls_by_shape(prof, args.steps)
     cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
     print(f"\n{'host op (self time)':<90}{'calls':>7}{'ms/step':>9}")
     for e in cpu:
