@@ -139,6 +139,24 @@ def main() -> None:
         profile_shape(step, getattr(step, "loop", None), config, shape, args)  # the baseline has no loop
 
 
+def print_gaps(kernels, steps: int, top: int = 12, min_us: float = 20.0) -> None:
+    """The GPU's idle stretches between kernels (the profiler's `## Call CompiledFxGraph` ranges left out): their
+    total per step by size, and the largest with the kernels on either side."""
+    real = sorted((e for e in kernels if not e.name.startswith("##")), key=lambda e: e.time_range.start)
+    gaps, end, last = [], None, None
+    for e in real:
+        if end is not None and e.time_range.start - end > min_us:
+            gaps.append((e.time_range.start - end, last, e.name))
+        if end is None or e.time_range.end > end:
+            end, last = e.time_range.end, e.name
+    total = sum(g for g, _, _ in gaps) / steps / 1e3
+    small = sum(g for g, _, _ in gaps if g < 200) / steps / 1e3
+    print(f"GPU idle in gaps over {min_us:.0f} us: {total:.1f} ms/step ({len(gaps) // steps} gaps/step; gaps under "
+          f"200 us: {small:.1f} ms)")  # fmt: skip
+    for g, before, after in sorted(gaps, key=lambda x: -x[0])[:top]:
+        print(f"  {g / 1e3:8.2f} ms  after {before[:55]:<55}  before {after[:55]}")
+
+
 def print_matmuls_by_shape(prof, steps: int, top: int = 30) -> None:
     """GPU time of the matmul ops by input shapes: which base and LoRA matmuls the step spends its time in."""
     ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
@@ -147,7 +165,7 @@ def print_matmuls_by_shape(prof, steps: int, top: int = 30) -> None:
           f"{total / steps / 1e3:.1f} ms/step)")  # fmt: skip
     for e in sorted(ops, key=lambda e: -e.device_time_total)[:top]:
         shapes = [s for s in e.input_shapes if s]
-        a, b = shapes[-2], shapes[-1]  # addmm's bias comes first
+        a, b = shapes[1:3] if e.key == "aten::addmm" else shapes[:2]  # addmm's bias comes first
         flops = 2 * a[-2] * a[-1] * b[-1] * e.count
         tf = flops / e.device_time_total / 1e6 if e.device_time_total else 0.0
         label = f"{e.key} {a} x {b}"
@@ -179,6 +197,7 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     busy = busy_us(kernels) / args.steps / 1e3
     print(f"\n{args.system}, {shape}: step {step_ms:.1f} ms unprofiled; kernels {total:.1f} ms, GPU busy "
           f"{busy:.1f} ms of the profiled step")  # fmt: skip
+    print_gaps(kernels, args.steps)
     by_cat, by_name = {}, {}
     for e in kernels:
         by_cat[category(e.name)] = by_cat.get(category(e.name), 0.0) + e.device_time

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .cross_entropy_rows import IGNORE_INDEX, cross_entropy_rows_
 from .model import transformers_model
-
-IGNORE_INDEX = -100
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -39,11 +38,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     shifted targets put -100 at the last position (it predicts nothing), so it gets zero gradient, and the gradient
     buffer is (B, T, H) as it stands, with no slicing or padding.
 
-    Memory beyond the inputs: one chunk's logits, chunk_tokens x V in fp32 (softmax computed in place), beside one
-    chunk_tokens x V copy in the compute dtype when it is 16-bit (the logits before their upcast, then the softmax
-    cast for the gradient matmul), and the gradient buffer N x H in hidden's dtype, the only thing saved for
-    backward. chunk_tokens=None takes `default_chunk_tokens(V)`: for Llama 3.1, 256 tokens, 131 MB + 66 MB
-    transient and 64 MB saved with 8192 tokens, instead of 4.2 GB of fp32 logits and more.
+    Memory beyond the inputs: one chunk's logits, chunk_tokens x V in the compute dtype, which the loss kernel
+    (cross_entropy_rows.py) overwrites with their gradient for the gradient matmul (the PyTorch fallback off the GPU
+    adds an fp32 copy), and the gradient buffer N x H in hidden's dtype, the only thing saved for backward.
+    chunk_tokens=None takes `default_chunk_tokens(V)`: for Llama 3.1 in bf16, 512 tokens, 131 MB transient and
+    64 MB saved with 8192 tokens, instead of 4.2 GB of fp32 logits and more.
     """
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy_sum: weight must not require grad (no gradient is computed for it)")
@@ -77,13 +76,13 @@ def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     return linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=chunk_tokens)
 
 
-CHUNK_ELEMENTS = 2**25  # logits per chunk by default: 128 MiB in fp32
+CHUNK_ELEMENTS = 2**26  # logits per chunk by default: 128 MiB in bf16
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk so that a chunk's fp32 logits take about CHUNK_ELEMENTS: a multiple of 128 (whole matmul
-    tiles), at least 128. The lm_head matmul of a chunk stays large (256 x 4096 x 128,256 for Llama 3.1), so
-    small chunks cost little speed, and the transient memory no longer grows with the batch."""
+    """Tokens per chunk so that a chunk has about CHUNK_ELEMENTS logits: a multiple of 128 (whole matmul tiles), at
+    least 128. The lm_head matmul of a chunk stays large (512 x 4096 x 128,256 for Llama 3.1), so small chunks cost
+    little speed, and the transient memory no longer grows with the batch."""
     return max(128, CHUNK_ELEMENTS // vocab_size // 128 * 128)
 
 
@@ -168,15 +167,12 @@ def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 def _chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, with_grad: bool):
     """Loss sum (fp32 scalar) and its gradient w.r.t. h, (n, H) in w's dtype (None unless with_grad), of one chunk:
     h (n, H), w (V, H), targets (n,) with -100 ignored."""
-    logits = (h @ w.T).float()  # (n, V): in the compute dtype, as lm_head; then fp32, as token_loss_sum
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    valid = targets != IGNORE_INDEX  # (n,)
-    safe = targets.masked_fill(~valid, 0)  # (n,): an in-range index for ignored tokens, masked out below
-    target_logit = logits.gather(1, safe[:, None]).squeeze(1)  # (n,)
-    loss = torch.where(valid, lse - target_logit, 0.0).sum()
+    logits = h @ w.T  # (n, V) in the compute dtype, as lm_head; the loss math is fp32, as token_loss_sum
     if not with_grad:
-        return loss, None
-    probs = logits.sub_(lse[:, None]).exp_()  # (n, V): softmax, in place of the logits
-    probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0  # softmax - onehot
-    probs.masked_fill_(~valid[:, None], 0.0)  # ignored tokens: no gradient
-    return loss, probs.to(w.dtype) @ w  # (n, H)
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        valid = targets != IGNORE_INDEX  # (n,)
+        target_logit = z.gather(1, targets.masked_fill(~valid, 0)[:, None]).squeeze(1)  # (n,)
+        return torch.where(valid, lse - target_logit, 0.0).sum(), None
+    loss = cross_entropy_rows_(logits, targets)  # (n,); logits now hold softmax - onehot (cross_entropy_rows.py)
+    return loss.sum(), logits @ w  # (n, H)

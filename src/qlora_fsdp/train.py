@@ -75,6 +75,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
     chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (chunked_loss.py; not --pp)
+    loss_chunk_tokens: int = 0  # with it: tokens per chunk; 0: about 2^26 logits (512 tokens for Llama 3)
     # FSDP2 (several processes)
     nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
     fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction
@@ -112,6 +113,8 @@ class TrainConfig:
         for flag in ("offload_activations", "embedding_on_cpu"):
             if getattr(self, flag) and (self.nproc > 1 or self.pp > 1):
                 raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
+        if self.loss_chunk_tokens < 0 or (self.loss_chunk_tokens and not self.chunked_loss):
+            raise TrainError(f"--loss-chunk-tokens {self.loss_chunk_tokens}: a positive chunk size, with --chunked-loss")
         if self.chunked_loss and self.pp > 1:
             raise TrainError("--chunked-loss does not run with --pp yet: drop one of them")
         if self.pp > 1:
@@ -343,17 +346,21 @@ class TrainLoop:
             if self.cfg.chunked_loss:  # the lm_head inside the loss, a chunk of tokens at a time
                 from .chunked_loss import causal_lm_loss_sum
 
-                return causal_lm_loss_sum(self.model, labels=batch["labels"], **inputs)
+                return causal_lm_loss_sum(self.model, labels=batch["labels"], chunk_tokens=self.cfg.loss_chunk_tokens or None,
+                                          **inputs)  # fmt: skip
             logits = self.model(**inputs, use_cache=False).logits  # (B, T, V)
         return self._loss_sum(logits, batch["labels"])
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        self.model.train()
+        if not self.model.training:  # after evaluate(); model.train() walks every module (~5-10 ms for an 8B peft model)
+            self.model.train()
         batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.replicas)]
         n_tokens = sum(self.label_tokens(b) for b in batches)
         if n_tokens == 0:
             raise TrainError("a step without any label token: check --completion-only and the dataset fields")
+        # the loss and the norm stay on the device until the optimizer step is queued: no wait for the GPU before
+        # then, so the host queues clipping and AdamW while the GPU is still in backward
         total = self._forward_backward(batches, n_tokens)
         grad_norm = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
@@ -363,32 +370,33 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": grad_norm, "label_tokens": n_tokens,
-                "tokens": tokens}  # fmt: skip
+        return {"step": self.step, "loss": float(total), "lr": lr, "grad_norm": float(grad_norm),
+                "label_tokens": n_tokens, "tokens": tokens}  # fmt: skip
 
     def _forward_backward(self, batches: list[dict], n_tokens: int) -> torch.Tensor:
-        """Gradients of the step's loss (its `n_tokens` label tokens) into the parameters; the loss (fp64, CPU).
+        """Gradients of the step's loss (its `n_tokens` label tokens) into the parameters; the loss (fp64, on the
+        device: reading it waits for the GPU).
 
         Every rank reads the whole step (grad_accum batches per rank) and works on its share: batches rank,
         rank + world, ...; the divisor is the step's label tokens over all ranks, and the factor `world` undoes
         FSDP's gradient averaging, so the step equals one process running all the batches."""
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         mine = batches[self.rank :: self.world]
         for i, b in enumerate(mine):
             if self.world > 1:  # FSDP2: reduce-scatter and reshard once, after the step's last microbatch
                 set_accumulating(self.model, i < len(mine) - 1)
             loss = self._forward_loss_sum(self._to_device(b)) / n_tokens
             self.scaler.scale(loss * self.world).backward()
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
         return self._sum_over_ranks(total)
 
-    def _clip_gradients(self) -> float:
-        """Unscale (fp16) and clip the gradients to cfg.max_grad_norm; their norm before clipping."""
+    def _clip_gradients(self) -> torch.Tensor | float:
+        """Unscale (fp16) and clip the gradients to cfg.max_grad_norm; their norm before clipping (a device scalar)."""
         # fp16 under FSDP2: the gradients are DTensors, and DTensor all-reduces unscale_'s found-inf flag, so every
         # rank skips the step when any rank's shard overflowed (tests/parallel: test_fp16_overflow_on_one_rank...)
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -411,10 +419,10 @@ class TrainLoop:
         return self._forward_loss_sum(batch)
 
     def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over all ranks (on the device when there are several)."""
         if self.world > 1:
             x = x.to(self.device)
             torch.distributed.all_reduce(x)
-            x = x.cpu()
         return x
 
     # -- checkpoints --------------------------------------------------------------------------------------
