@@ -11,10 +11,6 @@ other peft feature are peft's own: only the vanilla-LoRA forward is overridden (
 adapter batches, merged or disabled adapters take peft's path). Rounding differs from peft's order in the last
 bit of the LoRA term.
 
-Under torch.compile on CUDA the up-projection `B(h)` is written as r multiply-adds into the base output
-(`LoraUp`): inductor then fuses the LoRA term into whatever reads the output next (SwiGLU, RoPE, the residual add),
-and the (T, out) LoRA product is never written to memory nor read back. Backward is two matmuls as in eager mode.
-
 Registered through peft's custom-module dispatch (`LoraConfig._register_custom_module`), for `nn.Linear` targets.
 """
 
@@ -22,36 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-UNROLL_DEVICES = ("cuda",)  # device types whose compiled forward unrolls the up-projection (tests add "cpu")
-
-
-class LoraUp(torch.autograd.Function):
-    """base + hs @ B^T: base (..., out), hs (..., r) the scaled rank-r activations, B (out, r) lora_B's weight.
-
-    Forward in eager mode: one matmul and an add. Under torch.compile on CUDA: the r products hs[..., j] * B[:, j]
-    summed in fp32 into base, pointwise ops that inductor fuses into the output's consumer. Backward (both):
-    d base = g, d hs = g @ B, d B = g^T @ hs, in g's dtype."""
-
-    @staticmethod
-    def forward(ctx, base: torch.Tensor, hs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(hs, weight)
-        w = weight.to(hs.dtype)  # autocast's cast, as lora_B(hs) would make it
-        if not (torch.compiler.is_compiling() and base.device.type in UNROLL_DEVICES):
-            return base + hs @ w.t()
-        acc = base.float()  # (..., out)
-        for j in range(w.shape[1]):
-            acc = acc + hs[..., j : j + 1].float() * w[:, j].float()
-        return acc.to(base.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        hs, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (T, out)
-        grad_hs = (g @ weight.to(g.dtype)).view(hs.shape).to(hs.dtype)  # (..., r)
-        grad_weight = (g.t() @ hs.reshape(-1, hs.shape[-1]).to(g.dtype)).to(weight.dtype)  # (out, r)
-        return grad, grad_hs, grad_weight
-
 
 try:
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -76,10 +42,7 @@ if PeftLoraLinear is not None:
                     continue
                 lora_A, lora_B = self.lora_A[name], self.lora_B[name]
                 h = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))  # (..., r)
-                if type(lora_B) is nn.Linear and lora_B.bias is None and not lora_B._forward_hooks:
-                    result = LoraUp.apply(result, h * self.scaling[name], lora_B.weight)
-                else:
-                    result = result + lora_B(h * self.scaling[name])
+                result = result + lora_B(h * self.scaling[name])
             return result.to(result_dtype)
 
 
