@@ -182,3 +182,20 @@ def test_chunked_loss_gives_the_same_curve(tmp_path):
         assert (lora_b[k] - lora_a[k]).norm() <= 5e-4 * lora_a[k].norm() + 1e-6, k
     with pytest.raises(TrainError, match="--chunked-loss does not run with --pp"):
         TrainConfig(chunked_loss=True, nproc=2, pp=2, grad_accum=2).validate()
+
+
+def test_every_module_is_in_training_mode_in_a_step(tmp_path):
+    """The loop calls model.train() only when it has not already (it walks every module), so it must not trust the
+    root's flag: peft's fresh wrapper is in training mode over a model loaded in eval mode."""
+    batches = [collate(synthetic_examples()[i : i + 4]) for i in range(0, 8, 4)]
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=2, warmup_steps=0, progress=False, device="cpu",
+                      lora_r=4, precision="fp32", activation_checkpointing=True)  # fmt: skip
+    loop = TrainLoop(cfg, model=base_model(), train_batches=ListBatches(batches), eval_batches=ListBatches(batches))
+    modes = lambda: {m.training for m in loop.model.modules()}  # noqa: E731
+    assert modes() == {True, False}  # as loaded: the wrapper trains, the transformers model evaluates
+    loop.train_step()
+    assert modes() == {True}
+    loop.evaluate()
+    assert modes() == {False}
+    loop.train_step()
+    assert modes() == {True}

@@ -284,6 +284,7 @@ class TrainLoop:
                                                          self.total_steps)  # fmt: skip
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
+        self._train_mode = False  # whether the loop has put the model in training mode (and not left it since)
         self.records: list[dict] = []
         self._stream = None
 
@@ -353,8 +354,9 @@ class TrainLoop:
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        if not self.model.training:  # after evaluate(); model.train() walks every module (~5-10 ms for an 8B peft model)
+        if not self._train_mode:  # model.train() walks every module: 5-10 ms a step for an 8B peft model
             self.model.train()
+            self._train_mode = True
         batches = [self._next_batch() for _ in range(self.cfg.grad_accum * self.replicas)]
         n_tokens = sum(self.label_tokens(b) for b in batches)
         if n_tokens == 0:
@@ -403,6 +405,7 @@ class TrainLoop:
         if self.eval_batches is None:
             return {}
         self.model.eval()
+        self._train_mode = False
         batches = list(self.eval_batches)
         n = sum(self.label_tokens(b) for b in batches)
         loss_sum = torch.zeros((), dtype=torch.float64)
