@@ -249,6 +249,9 @@ class TrainLoop:
             model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.tokenizer = tokenizer
         self.model = add_lora(model, cfg)
+        from .lora_swiglu import patch_lora_swiglu
+
+        patch_lora_swiglu(self.model)  # on CUDA, the MLPs' LoRA terms inside the SwiGLU kernel (lora_swiglu.py)
         self.rank, self.world = _rank_and_world()
         if cfg.activation_checkpointing:
             self._checkpoint_layers()

@@ -1,0 +1,185 @@
+"""The LoRA terms of gate and up added inside the SwiGLU kernel: the (T, I) LoRA products are never written.
+
+    act = lora_swiglu(base_g, base_u, hg, hu, wg, wu)      # (T, I)
+    with gate = base_g + hg @ wg^T,  up = base_u + hu @ wu^T,  act = silu(gate) * up
+         base_g, base_u (T, I): the NF4 base outputs; hg, hu (T, r): the scaled rank-r activations lora_A(x) * s;
+         wg, wu (I, r): the lora_B weights
+
+peft's MLP writes each LoRA product B(h s) as a (T, I) tensor (14,336 wide for Llama 3.1 8B) and the SwiGLU reads it
+back beside the base output: per layer, at 8,192 tokens, 0.94 GB of traffic that carries a rank-16 term. Here one
+Triton kernel per (T, I) tile computes the two rank-r products on the tensor cores (`tl.dot`, fp32 accumulation),
+adds them to the base outputs, and writes gate and up (saved for backward, as before) and act. Backward is the SwiGLU
+derivative in PyTorch ops (fused by inductor under torch.compile) and the LoRA matmuls of eager mode:
+    d gate = d act * up * s(g) (1 + g (1 - s(g))),  d up = d act * silu(g),  with s the sigmoid and g = gate
+    d base = d gate,  d h = d gate @ w,  d w = d gate^T @ h                  (the same for up)
+Rounding: gate and up are rounded once (peft rounds the LoRA product, then the sum), act once.
+
+`patch_lora_swiglu(model)` routes every Llama-style MLP (gate_proj, up_proj, down_proj, SiLU) whose gate and up are
+plain single-adapter LoRA layers (lora_linear.RankScaledLoraLinear, no dropout, not merged or disabled, no DoRA)
+through it on CUDA; anything else, and CPU tensors, take the module's own forward. The op is a
+`torch.library.triton_op`, so compiled decoder layers trace it without a graph break.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+from .lora_linear import RankScaledLoraLinear
+from .nf4.triton_dequant import HAS_TRITON, triton_interpreting
+
+FUSE_DEVICES = ("cuda",)  # device types whose MLPs take the fused path (tests add "cpu", with the interpreter)
+BLOCK_T, BLOCK_I = 64, 128  # the tile of (T, I) one program computes
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _lora_swiglu_kernel(
+        bg_ptr, bu_ptr,  # (T, I) base outputs, contiguous
+        hg_ptr, hu_ptr,  # (T, R) scaled rank-R activations, contiguous
+        wg_ptr, wu_ptr,  # (I, R) lora_B weights, contiguous
+        gate_ptr, up_ptr, act_ptr,  # (T, I) outputs
+        T, I, R,
+        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
+        cols = tl.program_id(1) * BI + tl.arange(0, BI)  # (BI,)
+        ks = tl.arange(0, RP)  # (RP,): R padded to a power of two >= 16 (tl.dot's smallest K)
+        row_ok, col_ok, k_ok = rows < T, cols < I, ks < R
+        h_offs = rows[:, None].to(tl.int64) * R + ks[None, :]  # (BT, RP)
+        h_mask = row_ok[:, None] & k_ok[None, :]
+        w_offs = cols[None, :].to(tl.int64) * R + ks[:, None]  # (RP, BI): the transposed weight tile
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        hg = tl.load(hg_ptr + h_offs, mask=h_mask, other=0.0)
+        hu = tl.load(hu_ptr + h_offs, mask=h_mask, other=0.0)
+        wg = tl.load(wg_ptr + w_offs, mask=w_mask, other=0.0)
+        wu = tl.load(wu_ptr + w_offs, mask=w_mask, other=0.0)
+        if DOT_FP32:  # Triton's interpreter multiplies 16-bit floats as raw integers: fp32 there
+            hg, hu, wg, wu = hg.to(tl.float32), hu.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        lora_g = tl.dot(hg, wg, input_precision=PRECISION)  # (BT, BI) fp32
+        lora_u = tl.dot(hu, wu, input_precision=PRECISION)
+        offs = rows[:, None].to(tl.int64) * I + cols[None, :]  # (BT, BI)
+        mask = row_ok[:, None] & col_ok[None, :]
+        out_dtype = gate_ptr.dtype.element_ty
+        gate = (tl.load(bg_ptr + offs, mask=mask, other=0.0).to(tl.float32) + lora_g).to(out_dtype)
+        up = (tl.load(bu_ptr + offs, mask=mask, other=0.0).to(tl.float32) + lora_u).to(out_dtype)
+        tl.store(gate_ptr + offs, gate, mask=mask)
+        tl.store(up_ptr + offs, up, mask=mask)
+        g, u = gate.to(tl.float32), up.to(tl.float32)
+        tl.store(act_ptr + offs, (g * tl.sigmoid(g) * u).to(out_dtype), mask=mask)
+
+
+def lora_swiglu_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor):
+    """(gate, up, act) in PyTorch ops, the same math and roundings as the kernel."""
+    gate = (base_g.float() + hg.float() @ wg.float().t()).to(base_g.dtype)
+    up = (base_u.float() + hu.float() @ wu.float().t()).to(base_u.dtype)
+    g = gate.float()
+    return gate, up, (g * torch.sigmoid(g) * up.float()).to(base_g.dtype)
+
+
+def _launch(kernel, base_g, base_u, hg, hu, wg, wu):
+    t, i = base_g.shape
+    r = hg.shape[1]
+    gate, up, act = (torch.empty_like(base_g) for _ in range(3))
+    grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(i, BLOCK_I))
+    interpreting = triton_interpreting()
+    kernel[grid](base_g, base_u, hg, hu, wg, wu, gate, up, act, t, i, r, BT=BLOCK_T, BI=BLOCK_I,
+                 RP=max(16, triton.next_power_of_2(r)), DOT_FP32=interpreting,
+                 PRECISION="ieee" if interpreting or base_g.dtype == torch.float32 else "tf32", num_warps=4)  # fmt: skip
+    return gate, up, act
+
+
+@torch.library.triton_op("qlora_fsdp::lora_swiglu", mutates_args=())
+def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor,
+                   wu: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(gate, up, act) of contiguous 2-D inputs of one dtype (see the module docstring)."""
+    if base_g.device.type == "cuda" and HAS_TRITON:
+        return _launch(torch.library.wrap_triton(_lora_swiglu_kernel), base_g, base_u, hg, hu, wg, wu)
+    from torch._subclasses.fake_tensor import is_fake
+
+    if triton_interpreting() and not is_fake(base_g) and not torch.compiler.is_compiling():
+        return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu)
+    return lora_swiglu_reference(base_g, base_u, hg, hu, wg, wu)
+
+
+class LoraSwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
+        gate, up, act = torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)
+        ctx.save_for_backward(gate, up, hg, hu, wg, wu)
+        return act
+
+    @staticmethod
+    def backward(ctx, grad_act: Tensor):
+        gate, up, hg, hu, wg, wu = ctx.saved_tensors
+        g, u, da = gate.float(), up.float(), grad_act.float()
+        sig = torch.sigmoid(g)
+        grad_up = (da * g * sig).to(up.dtype)  # (T, I)
+        grad_gate = (da * u * sig * (1 + g * (1 - sig))).to(gate.dtype)  # (T, I)
+        return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu)
+
+
+def lora_swiglu(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
+    """act = silu(base_g + hg @ wg^T) * (base_u + hu @ wu^T), (T, I) in base_g's dtype, differentiable in all six
+    inputs; the rank-r inputs are cast to that dtype (as autocast would for lora_B). ValueError on shapes that do
+    not fit together."""
+    t, i = base_g.shape
+    r = hg.shape[-1]
+    if base_u.shape != (t, i) or hg.shape != (t, r) or hu.shape != (t, r) or wg.shape != (i, r) or wu.shape != (i, r):
+        raise ValueError(f"lora_swiglu: base (T, I), h (T, r), w (I, r) expected, got base {tuple(base_g.shape)}, "
+                         f"{tuple(base_u.shape)}, h {tuple(hg.shape)}, {tuple(hu.shape)}, w {tuple(wg.shape)}, "
+                         f"{tuple(wu.shape)}")  # fmt: skip
+    dtype = base_g.dtype
+    args = [a.to(dtype).contiguous() for a in (base_g, base_u, hg, hu, wg, wu)]
+    return LoraSwiGLUFunction.apply(*args)
+
+
+def _plain_lora_config(module: nn.Module) -> bool:
+    """A single-adapter RankScaledLoraLinear whose forward is the vanilla `base(x) + B(A(x) s)`."""
+    if not isinstance(module, RankScaledLoraLinear) or module.disable_adapters or module.merged:
+        return False
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+        return False
+    return isinstance(module.lora_dropout[active[0]], nn.Identity) and module.lora_B[active[0]].bias is None
+
+
+def _plain_lora(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(base(x), A(x) s, B's weight) of a layer that `_plain_lora_config` accepts, as its own forward computes them."""
+    name = next(n for n in module.active_adapters if n in module.lora_A)
+    lora_A = module.lora_A[name]
+    h = lora_A(module._cast_input_dtype(x, lora_A.weight.dtype)) * module.scaling[name]  # (..., r)
+    return module.base_layer(x), h, module.lora_B[name].weight
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if x.device.type not in FUSE_DEVICES or not _is_silu(self.act_fn) or not _fusable(self):
+        return type(self).forward(self, x)
+    (base_g, hg, wg), (base_u, hu, wu) = _plain_lora(self.gate_proj, x), _plain_lora(self.up_proj, x)
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) -> (T, n)
+    act = lora_swiglu(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu)  # (T, I)
+    return self.down_proj(act.view(base_g.shape))
+
+
+def _fusable(mlp: nn.Module) -> bool:
+    return all(_plain_lora_config(m) for m in (mlp.gate_proj, mlp.up_proj))
+
+
+def patch_lora_swiglu(model: nn.Module) -> int:
+    """Route the MLPs of `model` (gate_proj, up_proj, down_proj, act_fn) through lora_swiglu where it applies (see the
+    module docstring); the number of MLPs patched. Each checks at every call and falls back to its own forward."""
+    patched = 0
+    for module in model.modules():
+        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.forward = types.MethodType(_fused_mlp_forward, module)
+            patched += 1
+    return patched

@@ -1,0 +1,121 @@
+"""lora_swiglu.py: the fused LoRA + SwiGLU kernel (Triton's interpreter on CPU) against fp64 autograd on odd shapes,
+and the MLP patch against peft's own MLP in a tiny Llama."""
+
+import pytest
+import torch
+
+from qlora_fsdp import lora_swiglu as ls
+from qlora_fsdp.nf4.triton_dequant import triton_interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="no Triton interpreter")
+
+
+def inputs(t, i, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(DEVICE, dtype)  # noqa: E731
+    return [make(t, i), make(t, i), make(t, r), make(t, r), make(i, r, std=0.3), make(i, r, std=0.3)]
+
+
+def fp64_reference(args, grad):
+    xs = [a.detach().double().requires_grad_() for a in args]
+    base_g, base_u, hg, hu, wg, wu = xs
+    gate, up = base_g + hg @ wg.t(), base_u + hu @ wu.t()
+    act = torch.nn.functional.silu(gate) * up
+    act.backward(grad.double())
+    return act, [x.grad for x in xs]
+
+
+@needs_kernel
+@pytest.mark.parametrize("t, i, r", [(1, 16, 16), (5, 200, 4), (70, 130, 24), (3, 129, 16)])  # partial tiles, r < 16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_and_gradients_match_fp64(t, i, r, dtype):
+    args = [a.requires_grad_() for a in inputs(t, i, r, dtype)]
+    act = ls.lora_swiglu(*args)
+    grad = torch.randn(t, i, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    act.backward(grad)
+    want, want_grads = fp64_reference(args, grad)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]  # a few roundings to dtype
+    assert act.dtype == dtype
+    torch.testing.assert_close(act.double(), want, rtol=tol, atol=tol)
+    for name, a, w in zip(("base_g", "base_u", "hg", "hu", "wg", "wu"), args, want_grads):
+        scale = w.abs().max().item() + 1.0
+        torch.testing.assert_close(a.grad.double() / scale, w / scale, rtol=tol, atol=tol, msg=name)
+
+
+@needs_kernel
+def test_kernel_equals_its_pytorch_reference():
+    """gate, up and act of the kernel against `lora_swiglu_reference` (the same math in PyTorch), fp32: the dot's
+    summation order is the only difference."""
+    args = inputs(33, 257, 16, torch.float32)
+    got = ls.lora_swiglu_op(*args)
+    want = ls.lora_swiglu_reference(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_shapes_that_do_not_fit_are_one_line_errors():
+    args = inputs(4, 32, 8, torch.float32)
+    args[4] = args[4][:, :4]
+    with pytest.raises(ValueError, match="lora_swiglu: base \\(T, I\\)"):
+        ls.lora_swiglu(*args)
+
+
+def tiny_lora_llama(dropout=0.0):
+    import peft
+    import transformers
+
+    from qlora_fsdp.lora_linear import register_rank_scaled_lora
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
+    register_rank_scaled_lora(lora)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+@needs_kernel
+def test_patched_mlp_trains_like_peft(monkeypatch):
+    """A tiny Llama with peft LoRA on all linears: the patched MLPs give peft's loss and LoRA gradients (fp32)."""
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    results = []
+    for patch in (False, True):
+        model = tiny_lora_llama()
+        if patch:
+            monkeypatch.setattr(ls, "FUSE_DEVICES", (DEVICE,))
+            assert ls.patch_lora_swiglu(model) == 2
+        calls = []
+        monkeypatch.setattr(ls.LoraSwiGLUFunction, "forward", _counting(ls.LoraSwiGLUFunction.forward, calls))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert len(calls) == (2 if patch else 0)
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (loss_p, grads_p) = results
+    torch.testing.assert_close(loss_p, loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads_p[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return staticmethod(wrapped)
+
+
+def test_patched_mlp_falls_back_where_it_does_not_apply(monkeypatch):
+    """LoRA dropout (and CPU tensors by default) take the MLP's own forward: the same output as unpatched."""
+    ids = torch.randint(0, 64, (1, 5))
+    for dropout, devices in ((0.0, ("cuda",)), (0.1, ("cuda", "cpu"))):
+        model = tiny_lora_llama(dropout).eval()
+        want = model(input_ids=ids).logits
+        monkeypatch.setattr(ls, "FUSE_DEVICES", devices)
+        ls.patch_lora_swiglu(model)
+        monkeypatch.setattr(ls, "lora_swiglu", lambda *a: pytest.fail("the fused path ran"))
+        assert torch.equal(model(input_ids=ids).logits, want)
