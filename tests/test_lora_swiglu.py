@@ -82,10 +82,10 @@ def tiny_lora_llama(dropout=0.0):
 @needs_kernel
 def test_patched_mlp_trains_like_peft(monkeypatch):
     """A tiny Llama with peft LoRA on all linears: the patched MLPs give peft's loss and LoRA gradients (fp32)."""
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     results = []
     for patch in (False, True):
-        model = tiny_lora_llama()
+        model = tiny_lora_llama().to(DEVICE)
         if patch:
             monkeypatch.setattr(ls, "FUSE_DEVICES", (DEVICE,))
             assert ls.patch_lora_swiglu(model) == 2
