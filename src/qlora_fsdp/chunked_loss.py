@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .cross_entropy_rows import IGNORE_INDEX, cross_entropy_rows_
+from .cross_entropy_rows import IGNORE_INDEX, cross_entropy_rows, cross_entropy_rows_
 from .model import transformers_model
 
 
@@ -169,10 +169,6 @@ def _chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
     h (n, H), w (V, H), targets (n,) with -100 ignored."""
     logits = h @ w.T  # (n, V) in the compute dtype, as lm_head; the loss math is fp32, as token_loss_sum
     if not with_grad:
-        z = logits.float()
-        lse = torch.logsumexp(z, dim=-1)  # (n,)
-        valid = targets != IGNORE_INDEX  # (n,)
-        target_logit = z.gather(1, targets.masked_fill(~valid, 0)[:, None]).squeeze(1)  # (n,)
-        return torch.where(valid, lse - target_logit, 0.0).sum(), None
+        return cross_entropy_rows(logits, targets)[0].sum(), None
     loss = cross_entropy_rows_(logits, targets)  # (n,); logits now hold softmax - onehot (cross_entropy_rows.py)
     return loss.sum(), logits @ w  # (n, H)

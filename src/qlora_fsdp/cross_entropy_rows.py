@@ -70,14 +70,21 @@ if HAS_TRITON:
             tl.store(base + start + cols, p.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def cross_entropy_rows_reference_(logits: Tensor, targets: Tensor) -> Tensor:
-    """The same contract in PyTorch ops (fp32 intermediates the size of the logits)."""
+def cross_entropy_rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy (n,) fp32 and the row logsumexp (n,) fp32, in PyTorch ops; logits left as they are."""
     z = logits.float()  # (n, V)
     lse = torch.logsumexp(z, dim=-1)  # (n,)
     valid = targets != IGNORE_INDEX  # (n,)
-    safe = targets.masked_fill(~valid, 0)  # (n,): an in-range index for ignored rows, masked out below
-    loss = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0)  # (n,)
-    probs = z.sub_(lse[:, None]).exp_()  # (n, V): softmax, in place of the fp32 copy
+    safe = targets.masked_fill(~valid, 0)  # (n,): an in-range index for ignored rows, masked out
+    return torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0), lse
+
+
+def cross_entropy_rows_reference_(logits: Tensor, targets: Tensor) -> Tensor:
+    """`cross_entropy_rows_` in PyTorch ops (fp32 intermediates the size of the logits)."""
+    loss, lse = cross_entropy_rows(logits, targets)  # (n,), (n,)
+    valid = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~valid, 0)
+    probs = logits.float().sub_(lse[:, None]).exp_()  # (n, V): softmax (in place of the fp32 copy when 16-bit)
     probs[torch.arange(len(safe), device=probs.device), safe] -= 1.0  # softmax - onehot
     probs.masked_fill_(~valid[:, None], 0.0)
     logits.copy_(probs)
