@@ -31,19 +31,28 @@ if PeftLoraLinear is not None:
         """peft's `lora.Linear` whose vanilla forward scales the rank-r activations (see the module docstring)."""
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            variants = getattr(self, "lora_variant", {})
-            if args or kwargs or self.disable_adapters or self.merged or any(a in variants for a in self.active_adapters):
+            names = self.vanilla_adapters()
+            if args or kwargs or names is None:
                 return super().forward(x, *args, **kwargs)
             self._check_forward_args(x)
             result = self.base_layer(x)  # (..., out)
             result_dtype = result.dtype
-            for name in self.active_adapters:
-                if name not in self.lora_A:
-                    continue
-                lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-                h = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))  # (..., r)
-                result = result + lora_B(h * self.scaling[name])
+            for name in names:
+                result = result + self.lora_B[name](self.scaled_rank_activations(x, name))
             return result.to(result_dtype)
+
+        def vanilla_adapters(self) -> list[str] | None:
+            """The active adapters this layer holds, when all take the vanilla `B(A(drop(x)) s)`; None where peft's
+            own forward is needed (merged or disabled adapters, DoRA and other variants)."""
+            variants = getattr(self, "lora_variant", {})
+            if self.disable_adapters or self.merged or any(a in variants for a in self.active_adapters):
+                return None
+            return [name for name in self.active_adapters if name in self.lora_A]
+
+        def scaled_rank_activations(self, x: torch.Tensor, name: str) -> torch.Tensor:
+            """A(drop(x)) * s of adapter `name`: (..., r)."""
+            lora_A = self.lora_A[name]
+            return lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype))) * self.scaling[name]
 
 
 def register_rank_scaled_lora(config) -> bool:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .lora_linear import RankScaledLoraLinear
-from .nf4.triton_dequant import HAS_TRITON, triton_interpreting
+from .nf4.triton_dequant import HAS_TRITON, run_in_interpreter, triton_interpreting
 
 FUSE_DEVICES = ("cuda",)  # device types whose MLPs take the fused path (tests add "cpu", with the interpreter)
 BLOCK_T, BLOCK_I = 64, 128  # the tile of (T, I) one program computes
@@ -100,9 +100,7 @@ def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: T
     """(gate, up, act) of contiguous 2-D inputs of one dtype (see the module docstring)."""
     if base_g.device.type == "cuda" and HAS_TRITON:
         return _launch(torch.library.wrap_triton(_lora_swiglu_kernel), base_g, base_u, hg, hu, wg, wu)
-    from torch._subclasses.fake_tensor import is_fake
-
-    if triton_interpreting() and not is_fake(base_g) and not torch.compiler.is_compiling():
+    if run_in_interpreter(base_g):
         return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu)
     return lora_swiglu_reference(base_g, base_u, hg, hu, wg, wu)
 
@@ -139,22 +137,14 @@ def lora_swiglu(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tens
     return LoraSwiGLUFunction.apply(*args)
 
 
-def _plain_lora_config(module: nn.Module) -> bool:
-    """A single-adapter RankScaledLoraLinear whose forward is the vanilla `base(x) + B(A(x) s)`."""
-    if not isinstance(module, RankScaledLoraLinear) or module.disable_adapters or module.merged:
-        return False
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
-        return False
-    return isinstance(module.lora_dropout[active[0]], nn.Identity) and module.lora_B[active[0]].bias is None
-
-
-def _plain_lora(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(base(x), A(x) s, B's weight) of a layer that `_plain_lora_config` accepts, as its own forward computes them."""
-    name = next(n for n in module.active_adapters if n in module.lora_A)
-    lora_A = module.lora_A[name]
-    h = lora_A(module._cast_input_dtype(x, lora_A.weight.dtype)) * module.scaling[name]  # (..., r)
-    return module.base_layer(x), h, module.lora_B[name].weight
+def _single_plain_adapter(module: nn.Module) -> str | None:
+    """The adapter of a RankScaledLoraLinear with one active vanilla adapter, no dropout and no B bias; else None."""
+    names = module.vanilla_adapters() if isinstance(module, RankScaledLoraLinear) else None
+    if not names or len(names) != 1:
+        return None
+    name = names[0]
+    plain = isinstance(module.lora_dropout[name], nn.Identity) and module.lora_B[name].bias is None
+    return name if plain else None
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -162,24 +152,25 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if x.device.type not in FUSE_DEVICES or not _is_silu(self.act_fn) or not _fusable(self):
+    names = [_single_plain_adapter(self.gate_proj), _single_plain_adapter(self.up_proj)]
+    if x.device.type not in FUSE_DEVICES or None in names:
         return type(self).forward(self, x)
-    (base_g, hg, wg), (base_u, hu, wu) = _plain_lora(self.gate_proj, x), _plain_lora(self.up_proj, x)
+    (base_g, hg, wg), (base_u, hu, wu) = (
+        (proj.base_layer(x), proj.scaled_rank_activations(x, name), proj.lora_B[name].weight)  # (..., I), (..., r)
+        for proj, name in zip((self.gate_proj, self.up_proj), names)
+    )
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) -> (T, n)
     act = lora_swiglu(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu)  # (T, I)
     return self.down_proj(act.view(base_g.shape))
 
 
-def _fusable(mlp: nn.Module) -> bool:
-    return all(_plain_lora_config(m) for m in (mlp.gate_proj, mlp.up_proj))
-
-
 def patch_lora_swiglu(model: nn.Module) -> int:
-    """Route the MLPs of `model` (gate_proj, up_proj, down_proj, act_fn) through lora_swiglu where it applies (see the
-    module docstring); the number of MLPs patched. Each checks at every call and falls back to its own forward."""
+    """Route the SiLU MLPs of `model` (gate_proj, up_proj, down_proj, act_fn) through lora_swiglu where it applies
+    (see the module docstring); the number of MLPs patched. Each checks its adapters at every call and falls back to
+    its own forward."""
     patched = 0
     for module in model.modules():
-        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_fused_mlp_forward, module)
             patched += 1
     return patched

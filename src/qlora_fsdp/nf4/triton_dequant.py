@@ -125,7 +125,9 @@ def _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, of
     return out
 
 
-def _run_in_interpreter(t: Tensor) -> bool:
+def run_in_interpreter(t: Tensor) -> bool:
+    """True for a real (not fake) tensor outside torch.compile while Triton's interpreter is on: launch the kernel
+    there; otherwise a CPU op takes its PyTorch reference."""
     if not triton_interpreting():
         return False
     from torch._subclasses.fake_tensor import is_fake
@@ -152,7 +154,7 @@ def dequantize_nf4_op(
         kernel = torch.library.wrap_triton(_nf4_dequant_kernel)
         return _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out,
                        blocksize, nested_blocksize)  # fmt: skip
-    if _run_in_interpreter(data):
+    if run_in_interpreter(data):
         out = torch.empty(shape, dtype=dtype, device=data.device)
         return _launch(_nf4_dequant_kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out,
                        blocksize, nested_blocksize)  # fmt: skip
