@@ -120,6 +120,46 @@ def run_tma(w, out, elements, warps, tma_load=False):
 
 
 @triton.jit
+def _prefetch_kernel(
+    data_ptr, absmax_ptr, quant_map_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, out_ptr,
+    n_tiles, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    """Persistent production math with the next tile's packed bytes loaded before this tile's stores (software
+    prefetch in registers): each program keeps one load in flight while it writes."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
+    q_idx = tl.arange(0, BLOCKS)
+    byte = q_idx[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BLOCKS, HALF)
+    elem = q_idx[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (BLOCKS, BLOCKSIZE)
+    nxt = tl.load(data_ptr + pid.to(tl.int64) * BLOCKS * HALF + byte, eviction_policy="evict_first")
+    for tile in tl.range(pid, n_tiles, step):
+        packed = nxt
+        ahead = tl.minimum(tile + step, n_tiles - 1).to(tl.int64)  # the last tile reloads itself: in range
+        nxt = tl.load(data_ptr + ahead * BLOCKS * HALF + byte, eviction_policy="evict_first")
+        first = tile.to(tl.int64) * BLOCKS
+        q = tl.load(absmax_ptr + first + q_idx)
+        code = tl.load(nested_map_ptr + q.to(tl.int32))
+        scale = tl.load(nested_absmax_ptr + (first + q_idx) // NESTED)
+        absmax = libdevice.mul_rn(code, scale) + tl.load(offset_ptr)
+        hi = tl.load(quant_map_ptr + (packed >> 4).to(tl.int32)) * absmax[:, None]
+        lo = tl.load(quant_map_ptr + (packed & 0xF).to(tl.int32)) * absmax[:, None]
+        values = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + first * BLOCKSIZE + elem, values, cache_modifier=".cs")
+
+
+def run_prefetch(w, out, elements, warps, persistent=4):
+    blocks = elements // w.blocksize
+    n_tiles = w.numel // elements
+    grid = (min(n_tiles, persistent * torch.cuda.get_device_properties(0).multi_processor_count),)
+    _prefetch_kernel[grid](
+        w.data, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map, w.offset, out, n_tiles,
+        BLOCKSIZE=w.blocksize, NESTED=w.nested_blocksize, BLOCKS=blocks, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
 def _fill_kernel(out_ptr, value, ELEMENTS: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
     tl.store(out_ptr + offs, tl.full((ELEMENTS,), value, out_ptr.dtype.element_ty))
@@ -217,6 +257,9 @@ def main() -> None:
                         ("load evict_first + store .cs", run_variant, dict(load_hint=2, store_hint=1)),
                         ("persistent x8", run_variant, dict(persistent=8)),
                         ("persistent x16", run_variant, dict(persistent=16)),
+                        ("persistent x4 + prefetch", run_prefetch, dict(persistent=4)),
+                        ("persistent x8 + prefetch", run_prefetch, dict(persistent=8)),
+                        ("persistent x16 + prefetch", run_prefetch, dict(persistent=16)),
                         ("TMA store", run_tma, {}), ("TMA load + store", run_tma, dict(tma_load=True))]  # fmt: skip
             for name, fn, kw in variants:
                 try:

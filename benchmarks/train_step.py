@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--shapes 1x2048,4x2048,1x8192] [--systems ours,ours_compiled,hf_peft_bnb,
                                     ours_chunked,ours_compiled_chunked]
-                                    [--longest] [--config tiny]
+                                    [--longest] [--fits N,...] [--config tiny]
 
 A system of ours takes TrainConfig options after slashes: `ours_compiled_chunked/ac_keep_layers=8`,
 `ours_compiled_chunked/offload_activations=1` (what `qlora-fsdp train --ac-keep-layers 8` runs).
@@ -23,7 +23,7 @@ model included), the ratio to the baseline, and model-FLOPs utilisation:
     MFU = FLOPs/token * tokens/s / 989 TFLOP/s (H100/H200 dense bf16)
 
 --longest finds the longest sequence at batch 1 that fits, per system (doubling from --longest-start, then
-bisection to 1024, within --longest-budget-s).
+bisection to 1024, within --longest-budget-s); --fits 399360 tries one step at each given batch-1 length.
 """
 
 from __future__ import annotations
@@ -244,6 +244,7 @@ def main() -> None:
     p.add_argument("--longest-start", type=int, default=8192)
     p.add_argument("--longest-cap", type=int, default=262144)
     p.add_argument("--longest-budget-s", type=float, default=150)
+    p.add_argument("--fits", default="", help="comma-separated batch-1 lengths: whether one step of each trains")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -264,6 +265,13 @@ def main() -> None:
         if args.longest:
             n = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
             rows.append({"system": label, "longest_seq_batch1": n})
+            print(rows[-1], flush=True)
+        for t in filter(None, args.fits.split(",")):
+            reset_peak()
+            start = time.perf_counter()
+            ok = fits(step, config, int(t))
+            rows.append({"system": label, "fits_seq_batch1": int(t), "fits": ok,
+                         "step_s": time.perf_counter() - start, "peak_gb": peak_gb()})  # fmt: skip
             print(rows[-1], flush=True)
         # system by system: a cut-off session keeps what finished
         append_results([{**env, "bench": "train_step", "config": args.config, **r} for r in rows if r["system"] == label])
@@ -294,6 +302,9 @@ def main() -> None:
     for r in rows:
         if "longest_seq_batch1" in r:
             print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens")
+        if "fits_seq_batch1" in r:
+            print(f"batch 1 x {r['fits_seq_batch1']:,}, {r['system']}: {'fits' if r['fits'] else 'out of memory'}"
+                  f" (peak {r['peak_gb']:.1f} GB, {r['step_s']:.0f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -110,14 +110,18 @@ def test_embedded_default_compiled_with_inductor_on_cuda_equals_eager(tmp_path, 
     torch.testing.assert_close(compiled, eager, rtol=rtol, atol=0)
 
 
-def test_memory_options_on_cuda(tmp_path):
+def test_memory_options_on_cuda(tmp_path, monkeypatch):
     """--embedding-on-cpu frees the embedding's bytes on the GPU; --offload-activations holds the checkpointed
-    layers' inputs in host memory between forward and backward; both give the same losses."""
+    layers' inputs in host memory between forward and backward (here in 1.5 MiB pieces, the last one short), alone
+    and with --mlp-chunk-tokens; all give the same losses."""
     import transformers
 
+    from qlora_fsdp import activation_checkpointing
     from qlora_fsdp.activation_checkpointing import _OFFLOAD
     from qlora_fsdp.cpu_embedding import embedding_on_cpu
     from qlora_fsdp.model import random_model
+
+    monkeypatch.setattr(activation_checkpointing, "HOST_PIECE_BYTES", 3 << 19)  # 6 pieces a layer input
 
     from .test_train import ListBatches
 
@@ -134,7 +138,8 @@ def test_memory_options_on_cuda(tmp_path):
     batches = ListBatches([{"input_ids": ids, "labels": ids.clone()}])
     results = {}
     for name, kw in {"plain": {}, "cpu_embedding": {"embedding_on_cpu": True},
-                     "offload": {"offload_activations": True}}.items():  # fmt: skip
+                     "offload": {"offload_activations": True},
+                     "offload_mlp_chunks": {"offload_activations": True, "mlp_chunk_tokens": 1000}}.items():  # fmt: skip
         gc.collect()
         torch.cuda.empty_cache()
         cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=2, precision="bf16", device="cuda",
@@ -157,5 +162,6 @@ def test_memory_options_on_cuda(tmp_path):
     # the inputs of all 4 layers, (B, T, H) bf16 (layer 0's is no leaf that autograd keeps: input_grad.py)
     layer_inputs = 4 * 2 * 4096 * 512 * 2
     assert results["plain"][0] - results["offload"][0] >= layer_inputs, results
-    for name in ("cpu_embedding", "offload"):  # the same kernels; flash attention's backward may sum in another order
+    assert results["offload_mlp_chunks"][0] <= results["offload"][0], results
+    for name in ("cpu_embedding", "offload", "offload_mlp_chunks"):  # the same kernels; flash attention's backward may sum in another order
         torch.testing.assert_close(torch.tensor(results[name][1]), torch.tensor(results["plain"][1]), rtol=1e-3, atol=0)

@@ -42,15 +42,17 @@ def _configure(backend: str, model: nn.Module | None = None) -> None:
         torch._inductor.config.fallback_random = True
 
 
-def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True) -> nn.Module:
+def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True, fullgraph: bool = True
+                  ) -> nn.Module:  # fmt: skip
     """Compile every decoder layer of `model` (a transformers causal LM, peft-wrapped or not) in place; returns it.
+    fullgraph=False allows graph breaks (sequence-chunked MLPs run outside the graph: chunked_mlp.py).
 
     The embedding output is made to require grad (`input_grad.py`), so the first layer sees the same kind of input
     as the others and shares their graph."""
     _configure(backend, model)
     embedding_output_requires_grad(model)
     for layer in decoder_layers(model):
-        layer.compile(backend=backend, fullgraph=True, dynamic=dynamic)
+        layer.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return model
 
 

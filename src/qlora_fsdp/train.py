@@ -72,6 +72,7 @@ class TrainConfig:
     ac_keep_layers: int = 0  # with it: the last N layers keep their activations (faster, more memory)
     offload_activations: bool = False  # with it: the checkpointed layers' inputs wait in pinned host memory (1 GPU)
     embedding_on_cpu: bool = False  # the frozen input embedding in host memory, lookups on the CPU (1 GPU)
+    mlp_chunk_tokens: int = 0  # >0: the MLPs run N tokens at a time, each chunk recomputed in backward (chunked_mlp.py)
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
     chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (chunked_loss.py; not --pp)
@@ -113,6 +114,8 @@ class TrainConfig:
         for flag in ("offload_activations", "embedding_on_cpu"):
             if getattr(self, flag) and (self.nproc > 1 or self.pp > 1):
                 raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
+        if self.mlp_chunk_tokens < 0:
+            raise TrainError(f"--mlp-chunk-tokens must be at least 0 (got {self.mlp_chunk_tokens})")
         if self.loss_chunk_tokens < 0 or (self.loss_chunk_tokens and not self.chunked_loss):
             raise TrainError(f"--loss-chunk-tokens {self.loss_chunk_tokens}: a positive chunk size, with --chunked-loss")
         if self.chunked_loss and self.pp > 1:
@@ -255,6 +258,13 @@ class TrainLoop:
         self.rank, self.world = _rank_and_world()
         if cfg.activation_checkpointing:
             self._checkpoint_layers()
+        if cfg.mlp_chunk_tokens:
+            from .chunked_mlp import chunk_mlps
+
+            try:
+                chunk_mlps(self.model, cfg.mlp_chunk_tokens)
+            except ValueError as e:
+                raise TrainError(f"--mlp-chunk-tokens: {e}") from None
         if (cfg.offload_activations or cfg.embedding_on_cpu) and self.world > 1:
             raise TrainError("--offload-activations and --embedding-on-cpu run on one GPU: drop them, or start one "
                              "process")  # fmt: skip
@@ -313,7 +323,8 @@ class TrainLoop:
         if cfg.compile:  # after checkpointing and FSDP2 (their hooks stay around the compiled layers)
             from .compile import compile_model
 
-            compile_model(self.model, backend=cfg.compile_backend)
+            # chunked MLPs run their chunk loop outside the graph: one break a layer (chunked_mlp.py)
+            compile_model(self.model, backend=cfg.compile_backend, fullgraph=not cfg.mlp_chunk_tokens)
 
     def _fsdp_policies(self) -> dict:
         """FSDP2's mixed-precision and CPU-offload policies for this run's options."""
