@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--fits", default="", help="comma-separated batch-1 lengths: whether one step of each trains")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in filter(None, args.shapes.split(","))]
     env = environment()
     rows = []
     for name in args.systems.split(","):
