@@ -24,11 +24,16 @@ def chunked_grads(dropout, chunk, outer=None):
     return grads_and_saved_bytes(model, batch())[0]
 
 
-def assert_same(grads, ref):
+def assert_same(grads, ref, exact=False):
+    """Equal LoRA gradients: to the bit where both runs multiply the same blocks of rows, else to fp32 rounding
+    relative to each tensor's largest entry (a CPU BLAS may sum a 4-row and a 33-row product in other orders: 2.4e-5
+    of the largest entry measured with 16 threads)."""
     assert grads.keys() == ref.keys()
     for name in ref:
-        assert ref[name].abs().sum() > 0, name
-        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        scale = ref[name].abs().max().item()
+        assert scale > 0, name
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(grads[name], ref[name], **tol, msg=name)
 
 
 @pytest.mark.parametrize("outer", [None, "non-reentrant", "reentrant"])
@@ -43,7 +48,7 @@ def test_dropout_masks_are_replayed_in_the_recomputation():
     or inside a recomputed layer, draws the same ones again."""
     ref = chunked_grads(0.1, 4)
     for outer in ("non-reentrant", "reentrant"):
-        assert_same(chunked_grads(0.1, 4, outer), ref)
+        assert_same(chunked_grads(0.1, 4, outer), ref, exact=True)
 
 
 def test_only_chunk_rows_of_the_mlp_width_are_saved():
