@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qlora_fsdp import lora_swiglu as ls
+from qlora_fsdp import rank_product
 from qlora_fsdp.nf4.triton_dequant import triton_interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,12 +45,13 @@ def test_forward_and_gradients_match_fp64(t, i, r, dtype):
 
 
 @needs_kernel
-def test_kernel_equals_its_pytorch_reference():
-    """gate, up and act of the kernel against `lora_swiglu_reference` (the same math in PyTorch), fp32: the dot's
-    summation order is the only difference."""
+def test_kernels_equal_their_pytorch_references():
+    """act, then d gate and d up, of the kernel against the same math in PyTorch, fp32: the dot's summation order is
+    the only difference."""
     args = inputs(33, 257, 16, torch.float32)
-    got = ls.lora_swiglu_op(*args)
-    want = ls.lora_swiglu_reference(*args)
+    torch.testing.assert_close(ls.lora_swiglu_op(*args), ls.lora_swiglu_reference(*args), rtol=1e-6, atol=1e-6)
+    grad = torch.randn(33, 257, generator=torch.Generator().manual_seed(4))
+    got, want = ls.lora_swiglu_backward_op(*args, grad), ls.lora_swiglu_backward_reference(*args, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -87,7 +89,7 @@ def test_patched_mlp_trains_like_peft(monkeypatch):
     for patch in (False, True):
         model = tiny_lora_llama().to(DEVICE)
         if patch:
-            monkeypatch.setattr(ls, "FUSE_DEVICES", (DEVICE,))
+            monkeypatch.setattr(rank_product, "FUSE_DEVICES", (DEVICE,))
             assert ls.patch_lora_swiglu(model) == 2
         calls = []
         monkeypatch.setattr(ls.LoraSwiGLUFunction, "forward", _counting(ls.LoraSwiGLUFunction.forward, calls))
@@ -113,9 +115,9 @@ def test_patched_mlp_falls_back_where_it_does_not_apply(monkeypatch):
     """LoRA dropout (and CPU tensors by default) take the MLP's own forward: the same output as unpatched."""
     ids = torch.randint(0, 64, (1, 5))
     for dropout, devices in ((0.0, ("cuda",)), (0.1, ("cuda", "cpu"))):
+        monkeypatch.setattr(rank_product, "FUSE_DEVICES", devices)  # the projections' own path: the same both times
         model = tiny_lora_llama(dropout).eval()
         want = model(input_ids=ids).logits
-        monkeypatch.setattr(ls, "FUSE_DEVICES", devices)
         ls.patch_lora_swiglu(model)
         monkeypatch.setattr(ls, "lora_swiglu", lambda *a: pytest.fail("the fused path ran"))
         assert torch.equal(model(input_ids=ids).logits, want)

@@ -9,7 +9,8 @@ and s is applied to (T, r) tensors only. For the Llama 3.1 8B MLP at 2,048 token
 tensors (117 MB) less at the backward peak. The parameters, their names, the saved adapters, merging and every
 other peft feature are peft's own: only the vanilla-LoRA forward is overridden (DoRA and other variants, mixed
 adapter batches, merged or disabled adapters take peft's path). Rounding differs from peft's order in the last
-bit of the LoRA term.
+bit of the LoRA term. On CUDA, a layer with one adapter and no lora_B bias adds B(A(drop(x)) s) to the base output
+inside one kernel (lora_add.py): the (T, out) product is never written.
 
 Registered through peft's custom-module dispatch (`LoraConfig._register_custom_module`), for `nn.Linear` targets.
 """
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import rank_product
+from .lora_add import lora_add
 
 try:
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -37,6 +41,9 @@ if PeftLoraLinear is not None:
             self._check_forward_args(x)
             result = self.base_layer(x)  # (..., out)
             result_dtype = result.dtype
+            if len(names) == 1 and self.lora_B[names[0]].bias is None and x.device.type in rank_product.FUSE_DEVICES:
+                # one kernel adds the rank-r product to the base output (lora_add.py)
+                return lora_add(result, self.scaled_rank_activations(x, names[0]), self.lora_B[names[0]].weight)
             for name in names:
                 result = result + self.lora_B[name](self.scaled_rank_activations(x, name))
             return result.to(result_dtype)

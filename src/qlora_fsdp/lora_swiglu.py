@@ -7,12 +7,14 @@
 
 peft's MLP writes each LoRA product B(h s) as a (T, I) tensor (14,336 wide for Llama 3.1 8B) and the SwiGLU reads it
 back beside the base output: per layer, at 8,192 tokens, 0.94 GB of traffic that carries a rank-16 term. Here one
-Triton kernel per (T, I) tile computes the two rank-r products on the tensor cores (`tl.dot`, fp32 accumulation),
-adds them to the base outputs, and writes gate and up (saved for backward, as before) and act. Backward is the SwiGLU
-derivative in PyTorch ops (fused by inductor under torch.compile) and the LoRA matmuls of eager mode:
+Triton kernel per (T, I) tile computes the two rank-r products on the tensor cores (`tl.dot`, fp32 accumulation,
+rank_product.py), adds them to the base outputs and writes act alone. Backward keeps the base outputs (not gate and
+up: the forward writes neither) and its own kernel recomputes gate and up per tile, then writes the SwiGLU
+derivative; the LoRA matmuls are eager mode's:
     d gate = d act * up * s(g) (1 + g (1 - s(g))),  d up = d act * silu(g),  with s the sigmoid and g = gate
     d base = d gate,  d h = d gate @ w,  d w = d gate^T @ h                  (the same for up)
-Rounding: gate and up are rounded once (peft rounds the LoRA product, then the sum), act once.
+Rounding: gate and up are rounded once (peft rounds the LoRA product, then the sum), the same in both passes; act
+and the two derivatives once each.
 
 `patch_lora_swiglu(model)` routes every Llama-style MLP (gate_proj, up_proj, down_proj, SiLU) whose gate and up are
 plain single-adapter LoRA layers (lora_linear.RankScaledLoraLinear, no dropout, not merged or disabled, no DoRA)
@@ -27,77 +29,93 @@ import types
 import torch
 from torch import Tensor, nn
 
+from . import rank_product
 from .lora_linear import RankScaledLoraLinear
-from .nf4.triton_dequant import HAS_TRITON, run_in_interpreter, triton_interpreting
+from .nf4.triton_dequant import HAS_TRITON, run_in_interpreter
+from .rank_product import dot_options
 
-FUSE_DEVICES = ("cuda",)  # device types whose MLPs take the fused path (tests add "cpu", with the interpreter)
 BLOCK_T, BLOCK_I = 64, 128  # the tile of (T, I) one program computes
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .rank_product import rank_product_tile
+
+    @triton.jit
+    def _gate_up_tile(bg_ptr, bu_ptr, hg_ptr, hu_ptr, wg_ptr, wu_ptr, rows, cols, offs, mask, T, I, R,
+                      RP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+        """gate and up of one (BT, BI) tile as fp32, each rounded once to the base outputs' dtype."""
+        lora_g = rank_product_tile(hg_ptr, wg_ptr, rows, cols, T, I, R, RP, PRECISION, DOT_FP32)  # (BT, BI) fp32
+        lora_u = rank_product_tile(hu_ptr, wu_ptr, rows, cols, T, I, R, RP, PRECISION, DOT_FP32)
+        dtype = bg_ptr.dtype.element_ty
+        gate = (tl.load(bg_ptr + offs, mask=mask, other=0.0).to(tl.float32) + lora_g).to(dtype)
+        up = (tl.load(bu_ptr + offs, mask=mask, other=0.0).to(tl.float32) + lora_u).to(dtype)
+        return gate.to(tl.float32), up.to(tl.float32)
+
     @triton.jit
     def _lora_swiglu_kernel(
         bg_ptr, bu_ptr,  # (T, I) base outputs, contiguous
         hg_ptr, hu_ptr,  # (T, R) scaled rank-R activations, contiguous
         wg_ptr, wu_ptr,  # (I, R) lora_B weights, contiguous
-        gate_ptr, up_ptr, act_ptr,  # (T, I) outputs
+        da_ptr,  # (T, I) d act (BACKWARD)
+        out1_ptr, out2_ptr,  # (T, I): act (forward); d gate, d up (BACKWARD)
         T, I, R,
         BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr, BACKWARD: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)  # (BI,)
-        ks = tl.arange(0, RP)  # (RP,): R padded to a power of two >= 16 (tl.dot's smallest K)
-        row_ok, col_ok, k_ok = rows < T, cols < I, ks < R
-        h_offs = rows[:, None].to(tl.int64) * R + ks[None, :]  # (BT, RP)
-        h_mask = row_ok[:, None] & k_ok[None, :]
-        w_offs = cols[None, :].to(tl.int64) * R + ks[:, None]  # (RP, BI): the transposed weight tile
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        hg = tl.load(hg_ptr + h_offs, mask=h_mask, other=0.0)
-        hu = tl.load(hu_ptr + h_offs, mask=h_mask, other=0.0)
-        wg = tl.load(wg_ptr + w_offs, mask=w_mask, other=0.0)
-        wu = tl.load(wu_ptr + w_offs, mask=w_mask, other=0.0)
-        if DOT_FP32:  # Triton's interpreter multiplies 16-bit floats as raw integers: fp32 there
-            hg, hu, wg, wu = hg.to(tl.float32), hu.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-        lora_g = tl.dot(hg, wg, input_precision=PRECISION)  # (BT, BI) fp32
-        lora_u = tl.dot(hu, wu, input_precision=PRECISION)
         offs = rows[:, None].to(tl.int64) * I + cols[None, :]  # (BT, BI)
-        mask = row_ok[:, None] & col_ok[None, :]
-        out_dtype = gate_ptr.dtype.element_ty
-        gate = (tl.load(bg_ptr + offs, mask=mask, other=0.0).to(tl.float32) + lora_g).to(out_dtype)
-        up = (tl.load(bu_ptr + offs, mask=mask, other=0.0).to(tl.float32) + lora_u).to(out_dtype)
-        tl.store(gate_ptr + offs, gate, mask=mask)
-        tl.store(up_ptr + offs, up, mask=mask)
-        g, u = gate.to(tl.float32), up.to(tl.float32)
-        tl.store(act_ptr + offs, (g * tl.sigmoid(g) * u).to(out_dtype), mask=mask)
+        mask = (rows < T)[:, None] & (cols < I)[None, :]
+        g, u = _gate_up_tile(bg_ptr, bu_ptr, hg_ptr, hu_ptr, wg_ptr, wu_ptr, rows, cols, offs, mask, T, I, R,
+                             RP, PRECISION, DOT_FP32)  # fmt: skip
+        sig = tl.sigmoid(g)
+        dtype = out1_ptr.dtype.element_ty
+        if BACKWARD:
+            da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out1_ptr + offs, (da * u * sig * (1 + g * (1 - sig))).to(dtype), mask=mask)  # d gate
+            tl.store(out2_ptr + offs, (da * g * sig).to(dtype), mask=mask)  # d up
+        else:
+            tl.store(out1_ptr + offs, (g * sig * u).to(dtype), mask=mask)  # act
 
 
-def lora_swiglu_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor):
-    """(gate, up, act) in PyTorch ops, the same math and roundings as the kernel."""
+def _gate_up_reference(base_g, base_u, hg, hu, wg, wu) -> tuple[Tensor, Tensor]:
+    """gate and up as fp32, each rounded once to the base outputs' dtype (the kernel's math in PyTorch ops)."""
     gate = (base_g.float() + hg.float() @ wg.float().t()).to(base_g.dtype)
     up = (base_u.float() + hu.float() @ wu.float().t()).to(base_u.dtype)
-    g = gate.float()
-    return gate, up, (g * torch.sigmoid(g) * up.float()).to(base_g.dtype)
+    return gate.float(), up.float()
 
 
-def _launch(kernel, base_g, base_u, hg, hu, wg, wu):
+def lora_swiglu_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
+    """act in PyTorch ops, the same math and roundings as the kernel."""
+    g, u = _gate_up_reference(base_g, base_u, hg, hu, wg, wu)
+    return (g * torch.sigmoid(g) * u).to(base_g.dtype)
+
+
+def lora_swiglu_backward_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
+                                   grad_act: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d gate, d up) in PyTorch ops, the same math and roundings as the kernel."""
+    g, u = _gate_up_reference(base_g, base_u, hg, hu, wg, wu)
+    da, sig = grad_act.float(), torch.sigmoid(g)
+    return (da * u * sig * (1 + g * (1 - sig))).to(base_g.dtype), (da * g * sig).to(base_g.dtype)
+
+
+def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None):
     t, i = base_g.shape
     r = hg.shape[1]
-    gate, up, act = (torch.empty_like(base_g) for _ in range(3))
+    backward = grad_act is not None
+    out1 = torch.empty_like(base_g)
+    out2 = torch.empty_like(base_g) if backward else out1
     grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(i, BLOCK_I))
-    interpreting = triton_interpreting()
-    kernel[grid](base_g, base_u, hg, hu, wg, wu, gate, up, act, t, i, r, BT=BLOCK_T, BI=BLOCK_I,
-                 RP=max(16, triton.next_power_of_2(r)), DOT_FP32=interpreting,
-                 PRECISION="ieee" if interpreting or base_g.dtype == torch.float32 else "tf32", num_warps=4)  # fmt: skip
-    return gate, up, act
+    kernel[grid](base_g, base_u, hg, hu, wg, wu, grad_act if backward else base_g, out1, out2, t, i, r, BT=BLOCK_T,
+                 BI=BLOCK_I, **dot_options(r, base_g.dtype), BACKWARD=backward, num_warps=4)  # fmt: skip
+    return (out1, out2) if backward else out1
 
 
 @torch.library.triton_op("qlora_fsdp::lora_swiglu", mutates_args=())
-def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor,
-                   wu: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(gate, up, act) of contiguous 2-D inputs of one dtype (see the module docstring)."""
+def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
+    """act of contiguous 2-D inputs of one dtype (see the module docstring)."""
     if base_g.device.type == "cuda" and HAS_TRITON:
         return _launch(torch.library.wrap_triton(_lora_swiglu_kernel), base_g, base_u, hg, hu, wg, wu)
     if run_in_interpreter(base_g):
@@ -105,20 +123,28 @@ def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: T
     return lora_swiglu_reference(base_g, base_u, hg, hu, wg, wu)
 
 
+@torch.library.triton_op("qlora_fsdp::lora_swiglu_backward", mutates_args=())
+def lora_swiglu_backward_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
+                            grad_act: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d gate, d up): gate and up recomputed from the forward's inputs, then the SwiGLU derivative."""
+    grad_act = grad_act.contiguous()
+    if base_g.device.type == "cuda" and HAS_TRITON:
+        return _launch(torch.library.wrap_triton(_lora_swiglu_kernel), base_g, base_u, hg, hu, wg, wu, grad_act)
+    if run_in_interpreter(base_g):
+        return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu, grad_act)
+    return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act)
+
+
 class LoraSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
-        gate, up, act = torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)
-        ctx.save_for_backward(gate, up, hg, hu, wg, wu)
-        return act
+        ctx.save_for_backward(base_g, base_u, hg, hu, wg, wu)  # gate and up are recomputed in backward's kernel
+        return torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)
 
     @staticmethod
     def backward(ctx, grad_act: Tensor):
-        gate, up, hg, hu, wg, wu = ctx.saved_tensors
-        g, u, da = gate.float(), up.float(), grad_act.float()
-        sig = torch.sigmoid(g)
-        grad_up = (da * g * sig).to(up.dtype)  # (T, I)
-        grad_gate = (da * u * sig * (1 + g * (1 - sig))).to(gate.dtype)  # (T, I)
+        base_g, base_u, hg, hu, wg, wu = ctx.saved_tensors
+        grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
         return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu)
 
 
@@ -153,7 +179,7 @@ def _is_silu(act: nn.Module) -> bool:
 
 def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     names = [_single_plain_adapter(self.gate_proj), _single_plain_adapter(self.up_proj)]
-    if x.device.type not in FUSE_DEVICES or None in names:
+    if x.device.type not in rank_product.FUSE_DEVICES or None in names:
         return type(self).forward(self, x)
     (base_g, hg, wg), (base_u, hu, wu) = (
         (proj.base_layer(x), proj.scaled_rank_activations(x, name), proj.lora_B[name].weight)  # (..., I), (..., r)
