@@ -72,6 +72,7 @@ class TrainConfig:
     ac_keep_layers: int = 0  # with it: the last N layers keep their activations (faster, more memory)
     offload_activations: bool = False  # with it: the checkpointed layers' inputs wait in pinned host memory (1 GPU)
     embedding_on_cpu: bool = False  # the frozen input embedding in host memory, lookups on the CPU (1 GPU)
+    keep_dequantized: bool = False  # NF4 linears keep the forward's dequantized weight for backward (nf4/linear.py)
     mlp_chunk_tokens: int = 0  # >0: the MLPs run N tokens at a time, each chunk recomputed in backward (chunked_mlp.py)
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
@@ -252,6 +253,9 @@ class TrainLoop:
             model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.tokenizer = tokenizer
         self.model = add_lora(model, cfg)
+        from .nf4.linear import keep_dequantized
+
+        keep_dequantized(cfg.keep_dequantized)  # process-wide: the loop's setting holds for its model
         from .lora_swiglu import patch_lora_swiglu
 
         patch_lora_swiglu(self.model)  # on CUDA, the MLPs' LoRA terms inside the SwiGLU kernel (lora_swiglu.py)

@@ -99,3 +99,71 @@ def test_tensor_ops():
     with pytest.raises(TypeError, match="cannot convert to torch.int8"):
         t.to(torch.int8)
     assert F.linear(torch.ones(1, 64, dtype=torch.bfloat16), t).shape == (1, 32)
+
+
+@pytest.fixture
+def keep():
+    from qlora_fsdp.nf4.linear import keep_dequantized
+
+    keep_dequantized(True)
+    yield
+    keep_dequantized(False)
+
+
+def _saved_and_dequantized(lin, x, g, monkeypatch):
+    """(bytes autograd saved in forward, dequantizations in backward) of lin(x).backward(g)."""
+    calls, saved = [], []
+    original = NF4Tensor.dequantize
+    monkeypatch.setattr(NF4Tensor, "dequantize", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):  # fmt: skip
+        y = lin(x)
+    calls.clear()
+    y.backward(g)
+    return sum(saved), len(calls), y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_dequantized_saves_the_weight_and_gives_the_same_grads(dtype, monkeypatch, request):
+    lin, _ = nf4_linear_module(96, 200, dtype)
+    x = torch.randn(3, 5, 200, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 96, dtype=dtype)
+    plain_bytes, plain_calls, y = _saved_and_dequantized(lin, x, g, monkeypatch)
+    grad, x.grad = x.grad, None
+    request.getfixturevalue("keep")
+    kept_bytes, kept_calls, y_kept = _saved_and_dequantized(lin, x, g, monkeypatch)
+    assert (plain_calls, kept_calls) == (1, 0)  # backward dequantizes again, or not at all
+    assert kept_bytes - plain_bytes == 96 * 200 * dtype.itemsize  # the dense (out, in) weight
+    assert torch.equal(y_kept, y) and torch.equal(x.grad, grad)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton dequant op (CPU compiles the reference's ops, "
+                    "which the partitioner always recomputes)")  # fmt: skip
+def test_keep_dequantized_compiled_saves_the_weight():
+    """Inductor's partitioner: the recompute tag makes backward dequantize again; keep_dequantized drops the tag and
+    the compiled forward saves the dense weight for backward instead. Same gradients."""
+    from qlora_fsdp.nf4.linear import keep_dequantized
+
+    lin = nn.Linear(256, 96, bias=False, device="cuda")
+    lin.weight = nn.Parameter(NF4Tensor(quantize_nf4(lin.weight.data), torch.float32), requires_grad=False)
+    x = torch.randn(4, 256, device="cuda", requires_grad=True)
+    g = torch.randn(4, 96, device="cuda")
+    results = []
+    for keep in (False, True):
+        torch._dynamo.reset()
+        keep_dequantized(keep)
+        try:
+            f = torch.compile(lambda t: lin(t), backend="inductor", fullgraph=True)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                y = f(x)
+            y.backward(g)
+            results.append((saved, x.grad.clone()))
+            x.grad = None
+        finally:
+            keep_dequantized(False)
+            torch._dynamo.reset()
+    (plain, grad), (kept, grad_kept) = results
+    assert (96, 256) not in plain and (96, 256) in kept, (plain, kept)
+    torch.testing.assert_close(grad_kept, grad, rtol=1e-5, atol=1e-6)
