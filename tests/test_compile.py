@@ -93,3 +93,18 @@ def test_cli_compile_prints_the_counts(tmp_path, capfd):
                  "--split", "train[:64]", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
     out = capfd.readouterr().out
     assert "graphs compiled, 0 graph breaks" in out
+
+
+def test_compile_mode_reaches_every_layer_and_bad_modes_are_errors(tmp_path, monkeypatch):
+    from qlora_fsdp.train import TrainError
+
+    seen = []
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw) or original(self, **kw))
+    batches = [collate(synthetic_examples()[:4])]
+    loop_on(batches, tmp_path, 1, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen and all(kw["mode"] == "max-autotune-no-cudagraphs" and kw["fullgraph"] for kw in seen), seen
+    with pytest.raises(TrainError, match="--compile-mode fastest: one of default"):
+        TrainConfig(compile=True, compile_mode="fastest").validate()
+    with pytest.raises(TrainError, match="with the inductor backend"):
+        TrainConfig(compile=True, compile_mode="max-autotune", compile_backend="aot_eager").validate()

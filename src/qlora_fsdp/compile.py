@@ -42,17 +42,18 @@ def _configure(backend: str, model: nn.Module | None = None) -> None:
         torch._inductor.config.fallback_random = True
 
 
-def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True, fullgraph: bool = True
-                  ) -> nn.Module:  # fmt: skip
+def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True, fullgraph: bool = True,
+                  mode: str | None = None) -> nn.Module:  # fmt: skip
     """Compile every decoder layer of `model` (a transformers causal LM, peft-wrapped or not) in place; returns it.
-    fullgraph=False allows graph breaks (sequence-chunked MLPs run outside the graph: chunked_mlp.py).
+    fullgraph=False allows graph breaks (sequence-chunked MLPs run outside the graph: chunked_mlp.py); mode is
+    inductor's (e.g. "max-autotune-no-cudagraphs": Triton matmul templates tried against cuBLAS, fused epilogues).
 
     The embedding output is made to require grad (`input_grad.py`), so the first layer sees the same kind of input
     as the others and shares their graph."""
     _configure(backend, model)
     embedding_output_requires_grad(model)
     for layer in decoder_layers(model):
-        layer.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        layer.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
     return model
 
 

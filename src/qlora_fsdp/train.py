@@ -31,6 +31,7 @@ import torch
 from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_checkpoints
 from .parallel.fsdp import fsdp_policies, set_accumulating
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -76,6 +77,7 @@ class TrainConfig:
     mlp_chunk_tokens: int = 0  # >0: the MLPs run N tokens at a time, each chunk recomputed in backward (chunked_mlp.py)
     compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
     compile_backend: str = "inductor"  # inductor | aot_eager | eager
+    compile_mode: str = ""  # inductor's mode: "" (its default) | max-autotune-no-cudagraphs | max-autotune | ...
     chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (chunked_loss.py; not --pp)
     loss_chunk_tokens: int = 0  # with it: tokens per chunk; 0: about 2^26 logits (512 tokens for Llama 3)
     # FSDP2 (several processes)
@@ -115,6 +117,9 @@ class TrainConfig:
         for flag in ("offload_activations", "embedding_on_cpu"):
             if getattr(self, flag) and (self.nproc > 1 or self.pp > 1):
                 raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
+        if self.compile_mode and (self.compile_mode not in COMPILE_MODES or self.compile_backend != "inductor"):
+            raise TrainError(f"--compile-mode {self.compile_mode}: one of {', '.join(COMPILE_MODES)}, with the "
+                             "inductor backend")  # fmt: skip
         if self.mlp_chunk_tokens < 0:
             raise TrainError(f"--mlp-chunk-tokens must be at least 0 (got {self.mlp_chunk_tokens})")
         if self.loss_chunk_tokens < 0 or (self.loss_chunk_tokens and not self.chunked_loss):
@@ -325,10 +330,15 @@ class TrainLoop:
 
             apply_fsdp(self.model, **self._fsdp_policies())
         if cfg.compile:  # after checkpointing and FSDP2 (their hooks stay around the compiled layers)
-            from .compile import compile_model
+            self._compile_layers()
 
-            # chunked MLPs run their chunk loop outside the graph: one break a layer (chunked_mlp.py)
-            compile_model(self.model, backend=cfg.compile_backend, fullgraph=not cfg.mlp_chunk_tokens)
+    def _compile_layers(self) -> None:
+        from .compile import compile_model
+
+        cfg = self.cfg
+        # chunked MLPs run their chunk loop outside the graph: one break a layer (chunked_mlp.py)
+        compile_model(self.model, backend=cfg.compile_backend, mode=cfg.compile_mode or None,
+                      fullgraph=not cfg.mlp_chunk_tokens)  # fmt: skip
 
     def _fsdp_policies(self) -> dict:
         """FSDP2's mixed-precision and CPU-offload policies for this run's options."""

@@ -47,9 +47,7 @@ class PipelineTrainLoop(TrainLoop):
             compute_dtype=self.dtype,
         )  # fmt: skip
         if cfg.compile:  # 1F1B / GPipe only (TrainConfig.validate)
-            from .compile import compile_model
-
-            compile_model(self.model, backend=cfg.compile_backend)
+            self._compile_layers()
         keep_only(self.model, self.pipe.modules)  # this rank keeps its stages' weights only
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
