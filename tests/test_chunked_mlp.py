@@ -120,3 +120,9 @@ def test_bad_options():
         chunk_mlps(lora_model(), 0)
     with pytest.raises(ValueError, match="no decoder layers"):
         chunk_mlps(torch.nn.Linear(2, 2), 4)
+    model = lora_model()
+    for layer in decoder_layers(model):  # an MLP that returns (hidden, router logits), as mixture-of-experts blocks do
+        layer.mlp.forward = lambda x, f=layer.mlp.forward: (f(x), None)
+    chunk_mlps(model, 4)
+    with pytest.raises(TypeError, match="returns tuple, not one tensor"):
+        model(input_ids=batch())

@@ -66,6 +66,9 @@ def _chunked_class(cls: type) -> type:
             # each chunk keeps only its input for backward (a view of x) and recomputes its MLP there
             outs = [checkpoint(run, part, use_reentrant=False) if grad else run(part)
                     for part in flat.split(self.chunk_tokens)]  # fmt: skip  # [(chunk, H_out)]
+            if not isinstance(outs[0], torch.Tensor):
+                raise TypeError(f"chunk_mlps: {cls.__name__} returns {type(outs[0]).__name__}, not one tensor: it "
+                                "cannot run by chunks of tokens")  # fmt: skip
             return torch.cat(outs).view(*x.shape[:-1], -1)  # (B, T, H_out)
 
         new = type(f"Chunked{cls.__name__}", (cls,), {"__call__": __call__, "_chunked_mlp": True})
