@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .nf4.triton_dequant import HAS_TRITON, run_in_interpreter
+from .nf4.triton_dequant import HAS_TRITON, kernel_for
 from .rank_product import dot_options
 
 BLOCK_T, BLOCK_N = 64, 128  # the tile of (T, N) one program computes
@@ -66,10 +66,9 @@ def _launch(kernel, base: Tensor, h: Tensor, w: Tensor) -> Tensor:
 @torch.library.triton_op("qlora_fsdp::lora_add", mutates_args=())
 def lora_add_op(base: Tensor, h: Tensor, w: Tensor) -> Tensor:
     """base + h @ w^T for contiguous 2-D inputs of one dtype, at least one row (see the module docstring)."""
-    if base.device.type == "cuda" and HAS_TRITON:
-        return _launch(torch.library.wrap_triton(_lora_add_kernel), base, h, w)
-    if run_in_interpreter(base):
-        return _launch(_lora_add_kernel, base, h, w)
+    kernel = kernel_for(_lora_add_kernel, base) if HAS_TRITON else None
+    if kernel is not None:
+        return _launch(kernel, base, h, w)
     return lora_add_reference(base, h, w)
 
 

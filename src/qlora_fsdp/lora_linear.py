@@ -41,9 +41,10 @@ if PeftLoraLinear is not None:
             self._check_forward_args(x)
             result = self.base_layer(x)  # (..., out)
             result_dtype = result.dtype
-            if len(names) == 1 and self.lora_B[names[0]].bias is None and x.device.type in rank_product.FUSE_DEVICES:
+            name = self.single_unbiased_adapter(names)
+            if name is not None and x.device.type in rank_product.FUSE_DEVICES:
                 # one kernel adds the rank-r product to the base output (lora_add.py)
-                return lora_add(result, self.scaled_rank_activations(x, names[0]), self.lora_B[names[0]].weight)
+                return lora_add(result, self.scaled_rank_activations(x, name), self.lora_B[name].weight)
             for name in names:
                 result = result + self.lora_B[name](self.scaled_rank_activations(x, name))
             return result.to(result_dtype)
@@ -55,6 +56,13 @@ if PeftLoraLinear is not None:
             if self.disable_adapters or self.merged or any(a in variants for a in self.active_adapters):
                 return None
             return [name for name in self.active_adapters if name in self.lora_A]
+
+        def single_unbiased_adapter(self, names: list[str] | None) -> str | None:
+            """The adapter when `names` (from vanilla_adapters) is one adapter whose lora_B has no bias: what the
+            fused kernels (lora_add.py, lora_swiglu.py) take; else None."""
+            if not names or len(names) != 1 or self.lora_B[names[0]].bias is not None:
+                return None
+            return names[0]
 
         def scaled_rank_activations(self, x: torch.Tensor, name: str) -> torch.Tensor:
             """A(drop(x)) * s of adapter `name`: (..., r)."""

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from . import rank_product
 from .lora_linear import RankScaledLoraLinear
-from .nf4.triton_dequant import HAS_TRITON, run_in_interpreter
+from .nf4.triton_dequant import HAS_TRITON, kernel_for
 from .rank_product import dot_options
 
 BLOCK_T, BLOCK_I = 64, 128  # the tile of (T, I) one program computes
@@ -116,10 +116,9 @@ def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None):
 @torch.library.triton_op("qlora_fsdp::lora_swiglu", mutates_args=())
 def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
     """act of contiguous 2-D inputs of one dtype (see the module docstring)."""
-    if base_g.device.type == "cuda" and HAS_TRITON:
-        return _launch(torch.library.wrap_triton(_lora_swiglu_kernel), base_g, base_u, hg, hu, wg, wu)
-    if run_in_interpreter(base_g):
-        return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu)
+    kernel = kernel_for(_lora_swiglu_kernel, base_g) if HAS_TRITON else None
+    if kernel is not None:
+        return _launch(kernel, base_g, base_u, hg, hu, wg, wu)
     return lora_swiglu_reference(base_g, base_u, hg, hu, wg, wu)
 
 
@@ -128,10 +127,9 @@ def lora_swiglu_backward_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tens
                             grad_act: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(d gate, d up): gate and up recomputed from the forward's inputs, then the SwiGLU derivative."""
     grad_act = grad_act.contiguous()
-    if base_g.device.type == "cuda" and HAS_TRITON:
-        return _launch(torch.library.wrap_triton(_lora_swiglu_kernel), base_g, base_u, hg, hu, wg, wu, grad_act)
-    if run_in_interpreter(base_g):
-        return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu, grad_act)
+    kernel = kernel_for(_lora_swiglu_kernel, base_g) if HAS_TRITON else None
+    if kernel is not None:
+        return _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act)
     return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act)
 
 
@@ -165,12 +163,10 @@ def lora_swiglu(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tens
 
 def _single_plain_adapter(module: nn.Module) -> str | None:
     """The adapter of a RankScaledLoraLinear with one active vanilla adapter, no dropout and no B bias; else None."""
-    names = module.vanilla_adapters() if isinstance(module, RankScaledLoraLinear) else None
-    if not names or len(names) != 1:
+    if not isinstance(module, RankScaledLoraLinear):
         return None
-    name = names[0]
-    plain = isinstance(module.lora_dropout[name], nn.Identity) and module.lora_B[name].bias is None
-    return name if plain else None
+    name = module.single_unbiased_adapter(module.vanilla_adapters())
+    return name if name is not None and isinstance(module.lora_dropout[name], nn.Identity) else None
 
 
 def _is_silu(act: nn.Module) -> bool:

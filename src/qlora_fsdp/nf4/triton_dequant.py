@@ -125,7 +125,7 @@ def _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, of
     return out
 
 
-def run_in_interpreter(t: Tensor) -> bool:
+def _run_in_interpreter(t: Tensor) -> bool:
     """True for a real (not fake) tensor outside torch.compile while Triton's interpreter is on: launch the kernel
     there; otherwise a CPU op takes its PyTorch reference."""
     if not triton_interpreting():
@@ -133,6 +133,14 @@ def run_in_interpreter(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return not is_fake(t) and not torch.compiler.is_compiling()
+
+
+def kernel_for(kernel, t: Tensor):
+    """How a triton_op launches `kernel` on `t`'s device: through wrap_triton on CUDA (traceable by torch.compile),
+    as it is in the interpreter (`_run_in_interpreter`); None where the op takes its PyTorch reference."""
+    if t.device.type == "cuda" and HAS_TRITON:
+        return torch.library.wrap_triton(kernel)
+    return kernel if _run_in_interpreter(t) else None
 
 
 @torch.library.triton_op("qlora_fsdp::dequantize_nf4", mutates_args=())
@@ -149,14 +157,10 @@ def dequantize_nf4_op(
     dtype: torch.dtype,
 ) -> Tensor:
     """NF4 tensors of one weight -> a new contiguous `shape` tensor of `dtype` (see the module docstring)."""
-    if data.device.type == "cuda" and HAS_TRITON:
+    kernel = kernel_for(_nf4_dequant_kernel, data) if HAS_TRITON else None
+    if kernel is not None:
         out = torch.empty(shape, dtype=dtype, device=data.device)
-        kernel = torch.library.wrap_triton(_nf4_dequant_kernel)
         return _launch(kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out,
-                       blocksize, nested_blocksize)  # fmt: skip
-    if run_in_interpreter(data):
-        out = torch.empty(shape, dtype=dtype, device=data.device)
-        return _launch(_nf4_dequant_kernel, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, out,
                        blocksize, nested_blocksize)  # fmt: skip
     return dequantize_nf4_reference(
         data, absmax, quant_map, nested_absmax, nested_quant_map, offset, shape, blocksize, nested_blocksize, dtype
