@@ -19,3 +19,11 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_counters():
+    """Dynamo's counters are process-wide: a test that counts graph breaks sees only its own compilations."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()

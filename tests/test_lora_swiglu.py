@@ -50,7 +50,7 @@ def test_kernels_equal_their_pytorch_references():
     the only difference."""
     args = inputs(33, 257, 16, torch.float32)
     torch.testing.assert_close(ls.lora_swiglu_op(*args), ls.lora_swiglu_reference(*args), rtol=1e-6, atol=1e-6)
-    grad = torch.randn(33, 257, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(33, 257, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     got, want = ls.lora_swiglu_backward_op(*args, grad), ls.lora_swiglu_backward_reference(*args, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -141,8 +141,8 @@ def test_keep_dequantized_saves_the_weight_and_gives_the_same_grads(dtype, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton dequant op (CPU compiles the reference's ops, "
                     "which the partitioner always recomputes)")  # fmt: skip
 def test_keep_dequantized_compiled_saves_the_weight():
-    """Inductor's partitioner: the recompute tag makes backward dequantize again; keep_dequantized drops the tag and
-    the compiled forward saves the dense weight for backward instead. Same gradients."""
+    """Inductor's partitioner: the MUST_RECOMPUTE tag makes backward dequantize again; keep_dequantized tags MUST_SAVE
+    and the compiled forward saves the dense weight for backward instead. Same gradients."""
     from qlora_fsdp.nf4.linear import keep_dequantized
 
     lin = nn.Linear(256, 96, bias=False, device="cuda")

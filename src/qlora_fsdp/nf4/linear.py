@@ -15,7 +15,7 @@ otherwise it is the input's dtype.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -31,18 +31,20 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 @contextmanager
-def _recomputed_in_backward():
-    """While torch.compile traces this (AOTAutograd keeps node metadata), tag the ops made here MUST_RECOMPUTE.
+def _partitioner_policy(policy: CheckpointPolicy):
+    """While torch.compile traces this (AOTAutograd keeps node metadata), tag the ops made here with `policy` for
+    the min-cut partitioner; a no-op in eager mode.
 
-    The min-cut partitioner merges the forward's and the backward's dequantizations (CSE) and would then save
-    the dense weight for backward; the tag, which selective activation checkpointing also uses, makes it
-    dequantize again in backward instead, as eager does. A no-op in eager mode."""
+    MUST_RECOMPUTE: the partitioner merges the forward's and the backward's dequantizations (CSE) and would then
+    save the dense weight for backward; the tag, which selective activation checkpointing also uses, makes it
+    dequantize again in backward instead, as eager does. MUST_SAVE (keep_dequantized): without a tag the
+    partitioner would still recompute, since the packed bytes it saves instead are 4x smaller than the weight."""
     if not fx_traceback.has_preserved_node_meta():
         yield
         return
     meta = fx_traceback.get_current_meta()
     old = meta.get("recompute")
-    meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    meta["recompute"] = policy
     try:
         yield
     finally:
@@ -68,7 +70,7 @@ class NF4LinearFunction(torch.autograd.Function):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
         ctx.keep = _KEEP_DEQUANTIZED
-        with nullcontext() if ctx.keep else _recomputed_in_backward():
+        with _partitioner_policy(CheckpointPolicy.MUST_SAVE if ctx.keep else CheckpointPolicy.MUST_RECOMPUTE):
             w = weight.dequantize(dtype)  # (out, in)
         if ctx.keep:
             ctx.save_for_backward(w)
