@@ -45,6 +45,32 @@ def test_forward_and_gradients_match_fp64(t, i, r, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("t, i, r, rd", [(5, 200, 4, 8), (70, 130, 24, 16), (3, 129, 16, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_down_a_forward_and_gradients_match_fp64(t, i, r, rd, dtype):
+    """lora_swiglu_down_a: (act, act @ a_down^T) and the gradients of all seven inputs, with both outputs used (d act
+    then carries the rank-r_d term the kernel adds per tile), against fp64 autograd."""
+    g = torch.Generator().manual_seed(7)
+    args = [a.requires_grad_() for a in inputs(t, i, r, dtype)]
+    a_down = (torch.randn(rd, i, generator=g) * 0.3).to(DEVICE, dtype).requires_grad_()
+    grad_act, grad_h = (torch.randn(*s, generator=g).to(DEVICE, dtype) for s in ((t, i), (t, rd)))
+    act, h = ls.lora_swiglu_down_a(*args, a_down)
+    torch.autograd.backward((act, h), (grad_act, grad_h))
+    xs = [a.detach().double().requires_grad_() for a in args + [a_down]]
+    base_g, base_u, hg, hu, wg, wu, ad = xs
+    want_act = torch.nn.functional.silu(base_g + hg @ wg.t()) * (base_u + hu @ wu.t())
+    want_h = want_act @ ad.t()
+    torch.autograd.backward((want_act, want_h), (grad_act.double(), grad_h.double()))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(act.double(), want_act, rtol=tol, atol=tol)
+    torch.testing.assert_close(h.double() / (want_h.abs().max() + 1), want_h / (want_h.abs().max() + 1), rtol=tol,
+                               atol=tol)  # fmt: skip
+    for name, a, w in zip(("base_g", "base_u", "hg", "hu", "wg", "wu", "a_down"), args + [a_down], xs):
+        scale = w.grad.abs().max().item() + 1.0
+        torch.testing.assert_close(a.grad.double() / scale, w.grad / scale, rtol=tol, atol=tol, msg=name)
+
+
+@needs_kernel
 def test_kernels_equal_their_pytorch_references():
     """act, then d gate and d up, of the kernel against the same math in PyTorch, fp32: the dot's summation order is
     the only difference."""
@@ -54,6 +80,10 @@ def test_kernels_equal_their_pytorch_references():
     got, want = ls.lora_swiglu_backward_op(*args, grad), ls.lora_swiglu_backward_reference(*args, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    down = (torch.randn(33, 8).to(DEVICE), torch.randn(257, 8).to(DEVICE))  # d h, a_down^T: d act's rank-8 term
+    got, want = ls.lora_swiglu_backward_op(*args, grad, *down), ls.lora_swiglu_backward_reference(*args, grad, *down)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_shapes_that_do_not_fit_are_one_line_errors():
@@ -91,8 +121,8 @@ def test_patched_mlp_trains_like_peft(monkeypatch):
         if patch:
             monkeypatch.setattr(rank_product, "FUSE_DEVICES", (DEVICE,))
             assert ls.patch_lora_swiglu(model) == 2
-        calls = []
-        monkeypatch.setattr(ls.LoraSwiGLUFunction, "forward", _counting(ls.LoraSwiGLUFunction.forward, calls))
+        calls = []  # the MLPs' down_proj is plain LoRA too: the down-A form serves them
+        monkeypatch.setattr(ls.LoraSwiGLUDownAFunction, "forward", _counting(ls.LoraSwiGLUDownAFunction.forward, calls))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         assert len(calls) == (2 if patch else 0)
@@ -120,4 +150,5 @@ def test_patched_mlp_falls_back_where_it_does_not_apply(monkeypatch):
         want = model(input_ids=ids).logits
         ls.patch_lora_swiglu(model)
         monkeypatch.setattr(ls, "lora_swiglu", lambda *a: pytest.fail("the fused path ran"))
+        monkeypatch.setattr(ls, "lora_swiglu_down_a", lambda *a: pytest.fail("the fused path ran"))
         assert torch.equal(model(input_ids=ids).logits, want)

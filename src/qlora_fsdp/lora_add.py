@@ -24,7 +24,7 @@ from torch import Tensor
 from .nf4.triton_dequant import HAS_TRITON, kernel_for
 from .rank_product import dot_options
 
-BLOCK_T, BLOCK_N = 64, 128  # the tile of (T, N) one program computes
+BLOCK_T, BLOCK_N, NUM_WARPS = 64, 128, 4  # the tile of (T, N) one program computes, and its warps
 
 if HAS_TRITON:
     import triton
@@ -54,12 +54,12 @@ def lora_add_reference(base: Tensor, h: Tensor, w: Tensor) -> Tensor:
     return (base.float() + h.float() @ w.float().t()).to(base.dtype)
 
 
-def _launch(kernel, base: Tensor, h: Tensor, w: Tensor) -> Tensor:
+def _launch(kernel, base: Tensor, h: Tensor, w: Tensor, block_t=BLOCK_T, block_n=BLOCK_N, num_warps=NUM_WARPS) -> Tensor:
     t, n = base.shape
     r = h.shape[1]
     out = torch.empty_like(base)
-    grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(n, BLOCK_N))
-    kernel[grid](base, h, w, out, t, n, r, BT=BLOCK_T, BN=BLOCK_N, **dot_options(r, base.dtype), num_warps=4)
+    grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
+    kernel[grid](base, h, w, out, t, n, r, BT=block_t, BN=block_n, **dot_options(r, base.dtype), num_warps=num_warps)
     return out
 
 

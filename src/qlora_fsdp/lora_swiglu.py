@@ -16,9 +16,18 @@ derivative; the LoRA matmuls are eager mode's:
 Rounding: gate and up are rounded once (peft rounds the LoRA product, then the sum), the same in both passes; act
 and the two derivatives once each.
 
+    act, h = lora_swiglu_down_a(base_g, base_u, hg, hu, wg, wu, a_down)     # h = act @ a_down^T  (T, r_d)
+         a_down (r_d, I): the down projection's lora_A weight, so h is its rank activations before scaling
+
+The down projection reads act twice, in its NF4 base matmul and in its lora_A; in backward autograd then adds the
+two input gradients, d act = (d y W_down) + d h @ a_down: a (T, I) product written, then read back with the base
+term by an add kernel that writes the sum (0.94 GB a layer at 8,192 tokens). Taking lora_A into the function, the
+backward kernel adds the rank-r term to d act per tile instead (d a_down = d h^T @ act, act saved as lora_A saved it).
+
 `patch_lora_swiglu(model)` routes every Llama-style MLP (gate_proj, up_proj, down_proj, SiLU) whose gate and up are
 plain single-adapter LoRA layers (lora_linear.RankScaledLoraLinear, no dropout, not merged or disabled, no DoRA)
-through it on CUDA; anything else, and CPU tensors, take the module's own forward. The op is a
+through it on CUDA, with lora_swiglu_down_a where down_proj is such a layer too; anything else, and CPU tensors,
+take the module's own forward. The op is a
 `torch.library.triton_op`, so compiled decoder layers trace it without a graph break.
 """
 
@@ -30,11 +39,16 @@ import torch
 from torch import Tensor, nn
 
 from . import rank_product
+from .lora_add import lora_add
 from .lora_linear import RankScaledLoraLinear
 from .nf4.triton_dequant import HAS_TRITON, kernel_for
 from .rank_product import dot_options
 
-BLOCK_T, BLOCK_I = 64, 128  # the tile of (T, I) one program computes
+# the tile of (T, I) one program computes, and its warps; the fastest of benchmarks/lora_kernels.py on an H100 at
+# (8192, 14336), r=16: forward 254 us, backward 445 us (1.08x and 1.14x the bytes at copy bandwidth; 64 x 128 took
+# 324 and 563)
+FORWARD_TILE = (32, 128, 4)
+BACKWARD_TILE = (16, 128, 4)
 
 if HAS_TRITON:
     import triton
@@ -59,10 +73,11 @@ if HAS_TRITON:
         hg_ptr, hu_ptr,  # (T, R) scaled rank-R activations, contiguous
         wg_ptr, wu_ptr,  # (I, R) lora_B weights, contiguous
         da_ptr,  # (T, I) d act (BACKWARD)
+        dh_ptr, ad_ptr,  # (T, RD) d h, (I, RD) a_down^T: d act += d h @ a_down (BACKWARD and DOWN_A)
         out1_ptr, out2_ptr,  # (T, I): act (forward); d gate, d up (BACKWARD)
-        T, I, R,
-        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr, BACKWARD: tl.constexpr,
+        T, I, R, RD,
+        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, RPD: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr, BACKWARD: tl.constexpr, DOWN_A: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)  # (BI,)
@@ -74,6 +89,8 @@ if HAS_TRITON:
         dtype = out1_ptr.dtype.element_ty
         if BACKWARD:
             da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if DOWN_A:
+                da += rank_product_tile(dh_ptr, ad_ptr, rows, cols, T, I, RD, RPD, PRECISION, DOT_FP32)
             tl.store(out1_ptr + offs, (da * u * sig * (1 + g * (1 - sig))).to(dtype), mask=mask)  # d gate
             tl.store(out2_ptr + offs, (da * g * sig).to(dtype), mask=mask)  # d up
         else:
@@ -94,22 +111,31 @@ def lora_swiglu_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor
 
 
 def lora_swiglu_backward_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
-                                   grad_act: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+                                   grad_act: Tensor, grad_h: Tensor | None = None,
+                                   a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(d gate, d up) in PyTorch ops, the same math and roundings as the kernel."""
     g, u = _gate_up_reference(base_g, base_u, hg, hu, wg, wu)
     da, sig = grad_act.float(), torch.sigmoid(g)
+    if grad_h is not None:
+        da = da + grad_h.float() @ a_down_t.float().t()
     return (da * u * sig * (1 + g * (1 - sig))).to(base_g.dtype), (da * g * sig).to(base_g.dtype)
 
 
-def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None):
+def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None, grad_h=None, a_down_t=None, tile=None):
+    """tile: (BT, BI, warps), by default FORWARD_TILE or BACKWARD_TILE."""
     t, i = base_g.shape
     r = hg.shape[1]
-    backward = grad_act is not None
+    backward, down_a = grad_act is not None, grad_h is not None
+    block_t, block_i, num_warps = tile or (BACKWARD_TILE if backward else FORWARD_TILE)
     out1 = torch.empty_like(base_g)
     out2 = torch.empty_like(base_g) if backward else out1
-    grid = (triton.cdiv(t, BLOCK_T), triton.cdiv(i, BLOCK_I))
-    kernel[grid](base_g, base_u, hg, hu, wg, wu, grad_act if backward else base_g, out1, out2, t, i, r, BT=BLOCK_T,
-                 BI=BLOCK_I, **dot_options(r, base_g.dtype), BACKWARD=backward, num_warps=4)  # fmt: skip
+    rd = grad_h.shape[1] if down_a else r
+    options = dot_options(r, base_g.dtype)
+    grid = (triton.cdiv(t, block_t), triton.cdiv(i, block_i))
+    kernel[grid](base_g, base_u, hg, hu, wg, wu, grad_act if backward else base_g, grad_h if down_a else hg,
+                 a_down_t if down_a else wg, out1, out2, t, i, r, rd, BT=block_t, BI=block_i, **options,
+                 RPD=dot_options(rd, base_g.dtype)["RP"], BACKWARD=backward, DOWN_A=down_a,
+                 num_warps=num_warps)  # fmt: skip
     return (out1, out2) if backward else out1
 
 
@@ -124,13 +150,16 @@ def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: T
 
 @torch.library.triton_op("qlora_fsdp::lora_swiglu_backward", mutates_args=())
 def lora_swiglu_backward_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
-                            grad_act: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(d gate, d up): gate and up recomputed from the forward's inputs, then the SwiGLU derivative."""
+                            grad_act: Tensor, grad_h: Tensor | None = None,
+                            a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d gate, d up): gate and up recomputed from the forward's inputs, then the SwiGLU derivative of
+    d act = grad_act (+ grad_h @ a_down_t^T: grad_h (T, r_d), a_down_t (I, r_d) contiguous)."""
     grad_act = grad_act.contiguous()
+    grad_h = grad_h.contiguous() if grad_h is not None else None
     kernel = kernel_for(_lora_swiglu_kernel, base_g) if HAS_TRITON else None
     if kernel is not None:
-        return _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act)
-    return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act)
+        return _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
+    return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
 
 
 class LoraSwiGLUFunction(torch.autograd.Function):
@@ -146,27 +175,67 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu)
 
 
-def lora_swiglu(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
-    """act = silu(base_g + hg @ wg^T) * (base_u + hu @ wu^T), (T, I) in base_g's dtype, differentiable in all six
-    inputs; the rank-r inputs are cast to that dtype (as autocast would for lora_B). ValueError on shapes that do
-    not fit together."""
+class LoraSwiGLUDownAFunction(torch.autograd.Function):
+    """LoraSwiGLUFunction and the down projection's lora_A: (act, act @ a_down^T)."""
+
+    @staticmethod
+    def forward(ctx, base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
+                a_down: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        act = torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)  # (T, I)
+        ctx.save_for_backward(base_g, base_u, hg, hu, wg, wu, a_down, act)  # act for d a_down, as lora_A saves it
+        return act, act @ a_down.t()  # (T, I), (T, r_d)
+
+    @staticmethod
+    def backward(ctx, grad_act: Tensor, grad_h: Tensor | None):
+        base_g, base_u, hg, hu, wg, wu, a_down, act = ctx.saved_tensors
+        if grad_act is None:
+            grad_act = torch.zeros_like(act)
+        if grad_h is None:
+            grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
+            grad_a = None
+        else:
+            grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(
+                base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down.t().contiguous()
+            )
+            grad_a = grad_h.t() @ act  # (r_d, I)
+        return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu, grad_a)
+
+
+def _checked(base_g, base_u, hg, hu, wg, wu) -> list[Tensor]:
     t, i = base_g.shape
     r = hg.shape[-1]
     if base_u.shape != (t, i) or hg.shape != (t, r) or hu.shape != (t, r) or wg.shape != (i, r) or wu.shape != (i, r):
         raise ValueError(f"lora_swiglu: base (T, I), h (T, r), w (I, r) expected, got base {tuple(base_g.shape)}, "
                          f"{tuple(base_u.shape)}, h {tuple(hg.shape)}, {tuple(hu.shape)}, w {tuple(wg.shape)}, "
                          f"{tuple(wu.shape)}")  # fmt: skip
-    dtype = base_g.dtype
-    args = [a.to(dtype).contiguous() for a in (base_g, base_u, hg, hu, wg, wu)]
-    return LoraSwiGLUFunction.apply(*args)
+    return [a.to(base_g.dtype).contiguous() for a in (base_g, base_u, hg, hu, wg, wu)]
+
+
+def lora_swiglu(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
+    """act = silu(base_g + hg @ wg^T) * (base_u + hu @ wu^T), (T, I) in base_g's dtype, differentiable in all six
+    inputs; the rank-r inputs are cast to that dtype (as autocast would for lora_B). ValueError on shapes that do
+    not fit together."""
+    return LoraSwiGLUFunction.apply(*_checked(base_g, base_u, hg, hu, wg, wu))
+
+
+def lora_swiglu_down_a(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
+                       a_down: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(act, act @ a_down^T): lora_swiglu and the down projection's rank activations before scaling, a_down (r_d, I)
+    its lora_A weight, cast to base_g's dtype; differentiable in all seven inputs (see the module docstring)."""
+    args = _checked(base_g, base_u, hg, hu, wg, wu)
+    if a_down.dim() != 2 or a_down.shape[1] != base_g.shape[1]:
+        raise ValueError(f"lora_swiglu_down_a: a_down (r, I={base_g.shape[1]}) expected, got {tuple(a_down.shape)}")
+    return LoraSwiGLUDownAFunction.apply(*args, a_down.to(base_g.dtype).contiguous())
 
 
 def _single_plain_adapter(module: nn.Module) -> str | None:
-    """The adapter of a RankScaledLoraLinear with one active vanilla adapter, no dropout and no B bias; else None."""
+    """The adapter of a RankScaledLoraLinear with one active vanilla adapter, no dropout and no bias; else None."""
     if not isinstance(module, RankScaledLoraLinear):
         return None
     name = module.single_unbiased_adapter(module.vanilla_adapters())
-    return name if name is not None and isinstance(module.lora_dropout[name], nn.Identity) else None
+    if name is None or not isinstance(module.lora_dropout[name], nn.Identity) or module.lora_A[name].bias is not None:
+        return None
+    return name
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -182,8 +251,14 @@ def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
         for proj, name in zip((self.gate_proj, self.up_proj), names)
     )
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) -> (T, n)
-    act = lora_swiglu(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu)  # (T, I)
-    return self.down_proj(act.view(base_g.shape))
+    down, down_name = self.down_proj, _single_plain_adapter(self.down_proj)
+    if down_name is None:
+        act = lora_swiglu(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu)  # (T, I)
+        return down(act.view(base_g.shape))
+    act, h = lora_swiglu_down_a(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu, down.lora_A[down_name].weight)
+    act, h = act.view(base_g.shape), h.view(*base_g.shape[:-1], h.shape[-1])  # (..., I), (..., r_d)
+    # what RankScaledLoraLinear.forward does with A(act) * s (lora_linear.py, lora_add.py)
+    return lora_add(down.base_layer(act), h * down.scaling[down_name], down.lora_B[down_name].weight)
 
 
 def patch_lora_swiglu(model: nn.Module) -> int:
