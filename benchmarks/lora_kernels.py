@@ -5,8 +5,7 @@
 Each kernel is memory-bound: its floor is the bytes it must move at the device's copy bandwidth (measured in the
 same run). Every (BT, BN, warps) tried is checked against the production launch's output, then timed (GPU time
 from the profiler, mean of 20 calls). Prints one table per kernel, best first; appends JSON lines to the results
-file. The production shapes are the module constants (lora_swiglu.FORWARD_TILE / BACKWARD_TILE, lora_add's);
-the backward's row groups are tried at 4, 8 and 16.
+file. The production shapes are the module constants (lora_swiglu.FORWARD_TILE / BACKWARD_TILE, lora_add's).
 """
 
 from __future__ import annotations
@@ -66,30 +65,20 @@ def main():
     base_g, base_u, grad_act = make(t, i), make(t, i), make(t, i)
     hg, hu, wg, wu = make(t, r), make(t, r), make(i, r, std=0.05), make(i, r, std=0.05)
     kernel = ls.kernel_for(ls._lora_swiglu_kernel, base_g)
-    backward_kernel = ls.kernel_for(ls._lora_swiglu_backward_kernel, base_g)
+
     grad_h, a_down_t = make(t, r), make(i, r, std=0.05)
 
-    def forward(bt, bn, warps):
-        return (ls._launch(kernel, base_g, base_u, hg, hu, wg, wu, tile=bt and (bt, bn, warps)),)
-
-    def backward(*down, groups):
+    def swiglu(*grads):
         def run(bt, bn, warps):
-            args = (base_g, base_u, hg, hu, wg, wu, grad_act, *down)
-            return ls._launch_backward(backward_kernel, *args, tile=bt and (bt, bn, warps, groups))
+            out = ls._launch(kernel, base_g, base_u, hg, hu, wg, wu, *grads, tile=bt and (bt, bn, warps))
+            return out if isinstance(out, tuple) else (out,)
 
         return run
 
     tile = t * i * 2
-    sweep(f"lora_swiglu forward ({t}, {i})", forward, 3 * tile, bandwidth, rows)
-    for groups in (4, 8, 16):
-        sweep(f"lora_swiglu backward, {groups} row groups ({t}, {i})", backward(groups=groups), 5 * tile, bandwidth,
-              rows)  # fmt: skip
-    sweep(f"lora_swiglu backward + down lora_A ({t}, {i})", backward(grad_h, a_down_t, groups=8), 5 * tile,
-          bandwidth, rows)  # fmt: skip
-    # what the backward kernel's lora_B sums replace: d gate^T @ h and d up^T @ h, each reading a (T, I) tensor
-    us, _ = gpu_time_us(lambda _: (grad_act.t() @ hg, grad_act.t() @ hu), iters=20)
-    print(f"the two lora_B gradient matmuls it replaces: {us:.1f} us")
-    rows.append({"bench": "lora_kernels", "kernel": f"d gate^T h + d up^T h ({t}, {i})", "block": "cuBLAS", "us": us})
+    sweep(f"lora_swiglu forward ({t}, {i})", swiglu(), 3 * tile, bandwidth, rows)
+    sweep(f"lora_swiglu backward ({t}, {i})", swiglu(grad_act), 5 * tile, bandwidth, rows)
+    sweep(f"lora_swiglu backward + down lora_A ({t}, {i})", swiglu(grad_act, grad_h, a_down_t), 5 * tile, bandwidth, rows)
 
     for n in (4096, 1024):
         base, h, w = make(t, n), make(t, r), make(n, r, std=0.05)

@@ -10,9 +10,7 @@ back beside the base output: per layer, at 8,192 tokens, 0.94 GB of traffic that
 Triton kernel per (T, I) tile computes the two rank-r products on the tensor cores (`tl.dot`, fp32 accumulation,
 rank_product.py), adds them to the base outputs and writes act alone. Backward keeps the base outputs (not gate and
 up: the forward writes neither) and its own kernel recomputes gate and up per tile, then writes the SwiGLU
-derivative, and from the same tiles the lora_B gradients (a program walks down a column tile and sums h^T d gate
-over its rows on the tensor cores; the row groups' fp32 partial sums are added after): d gate is not read back for
-them. d h is a cuBLAS matmul.
+derivative; the LoRA matmuls are eager mode's:
     d gate = d act * up * s(g) (1 + g (1 - s(g))),  d up = d act * silu(g),  with s the sigmoid and g = gate
     d base = d gate,  d h = d gate @ w,  d w = d gate^T @ h                  (the same for up)
 Rounding: gate and up are rounded once (peft rounds the LoRA product, then the sum), the same in both passes; act
@@ -46,11 +44,11 @@ from .lora_linear import RankScaledLoraLinear
 from .nf4.triton_dequant import HAS_TRITON, kernel_for
 from .rank_product import dot_options
 
-# forward: the (T, I) tile one program computes, and its warps; the fastest of benchmarks/lora_kernels.py on an H100
-# at (8192, 14336), r=16: 254 us, 1.08x the bytes at copy bandwidth (64 x 128 took 324)
+# the tile of (T, I) one program computes, and its warps; the fastest of benchmarks/lora_kernels.py on an H100 at
+# (8192, 14336), r=16: forward 254 us, backward 445 us (1.08x and 1.14x the bytes at copy bandwidth; 64 x 128 took
+# 324 and 563)
 FORWARD_TILE = (32, 128, 4)
-# backward: (BT, BI, warps, row groups): a program takes one BI column tile over T / groups rows, BT at a time
-BACKWARD_TILE = (16, 128, 4, 8)
+BACKWARD_TILE = (16, 128, 4)
 
 if HAS_TRITON:
     import triton
@@ -74,9 +72,12 @@ if HAS_TRITON:
         bg_ptr, bu_ptr,  # (T, I) base outputs, contiguous
         hg_ptr, hu_ptr,  # (T, R) scaled rank-R activations, contiguous
         wg_ptr, wu_ptr,  # (I, R) lora_B weights, contiguous
-        act_ptr,  # (T, I)
-        T, I, R,
-        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        da_ptr,  # (T, I) d act (BACKWARD)
+        dh_ptr, ad_ptr,  # (T, RD) d h, (I, RD) a_down^T: d act += d h @ a_down (BACKWARD and DOWN_A)
+        out1_ptr, out2_ptr,  # (T, I): act (forward); d gate, d up (BACKWARD)
+        T, I, R, RD,
+        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, RPD: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr, BACKWARD: tl.constexpr, DOWN_A: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)  # (BI,)
@@ -84,56 +85,16 @@ if HAS_TRITON:
         mask = (rows < T)[:, None] & (cols < I)[None, :]
         g, u = _gate_up_tile(bg_ptr, bu_ptr, hg_ptr, hu_ptr, wg_ptr, wu_ptr, rows, cols, offs, mask, T, I, R,
                              RP, PRECISION, DOT_FP32)  # fmt: skip
-        tl.store(act_ptr + offs, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _rank_t_dot(h_ptr, d, rows, T, R, RP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-        """h[rows]^T @ d: (RP, BT) @ (BT, BI) -> (RP, BI) fp32, h (T, R) contiguous, zero past T and R."""
-        ks = tl.arange(0, RP)
-        h_t = tl.load(h_ptr + rows[None, :].to(tl.int64) * R + ks[:, None],
-                      mask=(ks < R)[:, None] & (rows < T)[None, :], other=0.0)  # (RP, BT)  # fmt: skip
-        if DOT_FP32:
-            h_t, d = h_t.to(tl.float32), d.to(tl.float32)
-        return tl.dot(h_t, d, input_precision=PRECISION)
-
-    @triton.jit
-    def _lora_swiglu_backward_kernel(
-        bg_ptr, bu_ptr, hg_ptr, hu_ptr, wg_ptr, wu_ptr,  # the forward's inputs, as there
-        da_ptr,  # (T, I) d act
-        dh_ptr, ad_ptr,  # (T, RD) d h, (I, RD) a_down^T: d act += d h @ a_down (DOWN_A)
-        dg_ptr, du_ptr,  # (T, I) d gate, d up
-        dwg_ptr, dwu_ptr,  # (G, I, R) fp32: d wg, d wu summed over each group of ROWS rows
-        T, I, R, RD, ROWS,
-        BT: tl.constexpr, BI: tl.constexpr, RP: tl.constexpr, RPD: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr, DOWN_A: tl.constexpr,
-    ):  # fmt: skip
-        """One program: the columns of one BI tile over one group of ROWS rows (a multiple of BT), BT at a time."""
-        cols = tl.program_id(0) * BI + tl.arange(0, BI)  # (BI,)
-        group = tl.program_id(1)
-        dtype = dg_ptr.dtype.element_ty
-        acc_g = tl.zeros((RP, BI), dtype=tl.float32)  # d wg^T of this group's rows
-        acc_u = tl.zeros((RP, BI), dtype=tl.float32)
-        for start in range(group * ROWS, tl.minimum(group * ROWS + ROWS, T), BT):
-            rows = start + tl.arange(0, BT)  # (BT,)
-            offs = rows[:, None].to(tl.int64) * I + cols[None, :]  # (BT, BI)
-            mask = (rows < T)[:, None] & (cols < I)[None, :]
-            g, u = _gate_up_tile(bg_ptr, bu_ptr, hg_ptr, hu_ptr, wg_ptr, wu_ptr, rows, cols, offs, mask, T, I, R,
-                                 RP, PRECISION, DOT_FP32)  # fmt: skip
-            sig = tl.sigmoid(g)
+        sig = tl.sigmoid(g)
+        dtype = out1_ptr.dtype.element_ty
+        if BACKWARD:
             da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if DOWN_A:
                 da += rank_product_tile(dh_ptr, ad_ptr, rows, cols, T, I, RD, RPD, PRECISION, DOT_FP32)
-            dg = (da * u * sig * (1 + g * (1 - sig))).to(dtype)  # (BT, BI), rounded as stored
-            du = (da * g * sig).to(dtype)
-            tl.store(dg_ptr + offs, dg, mask=mask)
-            tl.store(du_ptr + offs, du, mask=mask)
-            acc_g += _rank_t_dot(hg_ptr, dg, rows, T, R, RP, PRECISION, DOT_FP32)
-            acc_u += _rank_t_dot(hu_ptr, du, rows, T, R, RP, PRECISION, DOT_FP32)
-        ks = tl.arange(0, RP)
-        w_offs = group.to(tl.int64) * I * R + cols[None, :].to(tl.int64) * R + ks[:, None]  # (RP, BI) of (G, I, R)
-        w_mask = (ks < R)[:, None] & (cols < I)[None, :]
-        tl.store(dwg_ptr + w_offs, acc_g, mask=w_mask)
-        tl.store(dwu_ptr + w_offs, acc_u, mask=w_mask)
+            tl.store(out1_ptr + offs, (da * u * sig * (1 + g * (1 - sig))).to(dtype), mask=mask)  # d gate
+            tl.store(out2_ptr + offs, (da * g * sig).to(dtype), mask=mask)  # d up
+        else:
+            tl.store(out1_ptr + offs, (g * sig * u).to(dtype), mask=mask)  # act
 
 
 def _gate_up_reference(base_g, base_u, hg, hu, wg, wu) -> tuple[Tensor, Tensor]:
@@ -151,44 +112,31 @@ def lora_swiglu_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor
 
 def lora_swiglu_backward_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
                                    grad_act: Tensor, grad_h: Tensor | None = None,
-                                   a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(d gate, d up, d wg, d wu) in PyTorch ops, the same math and roundings as the kernel."""
+                                   a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d gate, d up) in PyTorch ops, the same math and roundings as the kernel."""
     g, u = _gate_up_reference(base_g, base_u, hg, hu, wg, wu)
     da, sig = grad_act.float(), torch.sigmoid(g)
     if grad_h is not None:
         da = da + grad_h.float() @ a_down_t.float().t()
-    dg, du = (da * u * sig * (1 + g * (1 - sig))).to(base_g.dtype), (da * g * sig).to(base_g.dtype)
-    return dg, du, (dg.float().t() @ hg.float()).to(wg.dtype), (du.float().t() @ hu.float()).to(wu.dtype)
+    return (da * u * sig * (1 + g * (1 - sig))).to(base_g.dtype), (da * g * sig).to(base_g.dtype)
 
 
-def _launch(kernel, base_g, base_u, hg, hu, wg, wu, tile=None):
-    """act; tile: (BT, BI, warps), by default FORWARD_TILE."""
-    t, i = base_g.shape
-    block_t, block_i, num_warps = tile or FORWARD_TILE
-    act = torch.empty_like(base_g)
-    grid = (triton.cdiv(t, block_t), triton.cdiv(i, block_i))
-    kernel[grid](base_g, base_u, hg, hu, wg, wu, act, t, i, hg.shape[1], BT=block_t, BI=block_i,
-                 **dot_options(hg.shape[1], base_g.dtype), num_warps=num_warps)  # fmt: skip
-    return act
-
-
-def _launch_backward(kernel, base_g, base_u, hg, hu, wg, wu, grad_act, grad_h=None, a_down_t=None, tile=None):
-    """(d gate, d up, d wg, d wu); tile: (BT, BI, warps, row groups), by default BACKWARD_TILE."""
+def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None, grad_h=None, a_down_t=None, tile=None):
+    """tile: (BT, BI, warps), by default FORWARD_TILE or BACKWARD_TILE."""
     t, i = base_g.shape
     r = hg.shape[1]
-    down_a = grad_h is not None
-    block_t, block_i, num_warps, groups = tile or BACKWARD_TILE
-    rows = max(1, triton.cdiv(triton.cdiv(t, groups), block_t)) * block_t  # rows per group, whole tiles
-    n_groups = max(1, triton.cdiv(t, rows))
-    grad_gate, grad_up = torch.empty_like(base_g), torch.empty_like(base_g)
-    partial_g, partial_u = (torch.empty((n_groups, i, r), dtype=torch.float32, device=base_g.device) for _ in "gu")
+    backward, down_a = grad_act is not None, grad_h is not None
+    block_t, block_i, num_warps = tile or (BACKWARD_TILE if backward else FORWARD_TILE)
+    out1 = torch.empty_like(base_g)
+    out2 = torch.empty_like(base_g) if backward else out1
     rd = grad_h.shape[1] if down_a else r
-    grid = (triton.cdiv(i, block_i), n_groups)
-    kernel[grid](base_g, base_u, hg, hu, wg, wu, grad_act, grad_h if down_a else hg, a_down_t if down_a else wg,
-                 grad_gate, grad_up, partial_g, partial_u, t, i, r, rd, rows, BT=block_t, BI=block_i,
-                 **dot_options(r, base_g.dtype), RPD=dot_options(rd, base_g.dtype)["RP"], DOWN_A=down_a,
+    options = dot_options(r, base_g.dtype)
+    grid = (triton.cdiv(t, block_t), triton.cdiv(i, block_i))
+    kernel[grid](base_g, base_u, hg, hu, wg, wu, grad_act if backward else base_g, grad_h if down_a else hg,
+                 a_down_t if down_a else wg, out1, out2, t, i, r, rd, BT=block_t, BI=block_i, **options,
+                 RPD=dot_options(rd, base_g.dtype)["RP"], BACKWARD=backward, DOWN_A=down_a,
                  num_warps=num_warps)  # fmt: skip
-    return grad_gate, grad_up, partial_g.sum(0).to(wg.dtype), partial_u.sum(0).to(wu.dtype)  # (I, R) each
+    return (out1, out2) if backward else out1
 
 
 @torch.library.triton_op("qlora_fsdp::lora_swiglu", mutates_args=())
@@ -203,15 +151,14 @@ def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: T
 @torch.library.triton_op("qlora_fsdp::lora_swiglu_backward", mutates_args=())
 def lora_swiglu_backward_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
                             grad_act: Tensor, grad_h: Tensor | None = None,
-                            a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(d gate, d up, d wg, d wu): gate and up recomputed from the forward's inputs, then the SwiGLU derivative of
-    d act = grad_act (+ grad_h @ a_down_t^T: grad_h (T, r_d), a_down_t (I, r_d) contiguous), and the lora_B
-    gradients d gate^T @ hg, d up^T @ hu from the same tiles."""
+                            a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d gate, d up): gate and up recomputed from the forward's inputs, then the SwiGLU derivative of
+    d act = grad_act (+ grad_h @ a_down_t^T: grad_h (T, r_d), a_down_t (I, r_d) contiguous)."""
     grad_act = grad_act.contiguous()
     grad_h = grad_h.contiguous() if grad_h is not None else None
-    kernel = kernel_for(_lora_swiglu_backward_kernel, base_g) if HAS_TRITON else None
+    kernel = kernel_for(_lora_swiglu_kernel, base_g) if HAS_TRITON else None
     if kernel is not None:
-        return _launch_backward(kernel, base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
+        return _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
     return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
 
 
@@ -224,10 +171,8 @@ class LoraSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_act: Tensor):
         base_g, base_u, hg, hu, wg, wu = ctx.saved_tensors
-        grad_gate, grad_up, grad_wg, grad_wu = torch.ops.qlora_fsdp.lora_swiglu_backward(
-            base_g, base_u, hg, hu, wg, wu, grad_act
-        )
-        return grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_wg, grad_wu
+        grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
+        return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu)
 
 
 class LoraSwiGLUDownAFunction(torch.autograd.Function):
@@ -246,15 +191,14 @@ class LoraSwiGLUDownAFunction(torch.autograd.Function):
         if grad_act is None:
             grad_act = torch.zeros_like(act)
         if grad_h is None:
-            grads = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
+            grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
             grad_a = None
         else:
-            grads = torch.ops.qlora_fsdp.lora_swiglu_backward(
+            grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(
                 base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down.t().contiguous()
             )
             grad_a = grad_h.t() @ act  # (r_d, I)
-        grad_gate, grad_up, grad_wg, grad_wu = grads
-        return grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_wg, grad_wu, grad_a
+        return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu, grad_a)
 
 
 def _checked(base_g, base_u, hg, hu, wg, wu) -> list[Tensor]:
