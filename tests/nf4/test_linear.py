@@ -167,3 +167,24 @@ def test_keep_dequantized_compiled_saves_the_weight():
     (plain, grad), (kept, grad_kept) = results
     assert (96, 256) not in plain and (96, 256) in kept, (plain, kept)
     torch.testing.assert_close(grad_kept, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_dequantized_turns_the_autograd_cache_off_while_on():
+    """AOTAutograd's cache key leaves out the partitioner tags: a cached graph without keep_dequantized would be
+    served again. keep_dequantized(True) turns that cache off, keep_dequantized(False) restores the setting."""
+    import torch._functorch.config as functorch_config
+
+    from qlora_fsdp.nf4.linear import keep_dequantized
+
+    before = functorch_config.enable_autograd_cache
+    try:
+        for setting in (True, False):
+            functorch_config.enable_autograd_cache = setting
+            keep_dequantized(True)
+            assert functorch_config.enable_autograd_cache is False
+            keep_dequantized(True)  # again: still off, and the setting before is kept
+            keep_dequantized(False)
+            assert functorch_config.enable_autograd_cache is setting
+    finally:
+        keep_dequantized(False)
+        functorch_config.enable_autograd_cache = before

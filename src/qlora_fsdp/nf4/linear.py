@@ -55,13 +55,25 @@ def _partitioner_policy(policy: CheckpointPolicy):
 
 
 _KEEP_DEQUANTIZED = False
+_AUTOGRAD_CACHE_BEFORE_KEEP: bool | None = None
 
 
 def keep_dequantized(keep: bool) -> None:
     """Whether NF4 linears keep the forward's dequantized weight for backward (process-wide; see the module
-    docstring). Compiled graphs read it when traced: a change retraces them."""
-    global _KEEP_DEQUANTIZED
-    _KEEP_DEQUANTIZED = bool(keep)
+    docstring). Compiled graphs read it when traced: a change retraces them.
+
+    While on, AOTAutograd's graph cache is off: its key leaves out the partitioner tags, so a graph compiled
+    without keep_dequantized (in this process or an earlier one) would be served again (seen on an H100)."""
+    global _KEEP_DEQUANTIZED, _AUTOGRAD_CACHE_BEFORE_KEEP
+    import torch._functorch.config as functorch_config
+
+    keep = bool(keep)
+    if keep and not _KEEP_DEQUANTIZED:
+        _AUTOGRAD_CACHE_BEFORE_KEEP = functorch_config.enable_autograd_cache
+        functorch_config.enable_autograd_cache = False
+    elif not keep and _KEEP_DEQUANTIZED and _AUTOGRAD_CACHE_BEFORE_KEEP is not None:
+        functorch_config.enable_autograd_cache = _AUTOGRAD_CACHE_BEFORE_KEEP
+    _KEEP_DEQUANTIZED = keep
 
 
 class NF4LinearFunction(torch.autograd.Function):
