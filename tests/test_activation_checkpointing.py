@@ -116,3 +116,14 @@ def test_bad_options():
                   train_batches=ListBatches([collate(synthetic_examples()[:4])]))  # fmt: skip
     with pytest.raises(ValueError, match="keep_last"):
         checkpoint_layers(lora_model(), keep_last=-1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_checkpointed_loop_keeps_the_down_lora_a_apart(tmp_path, checkpointing):
+    """With checkpointing (memory first), TrainLoop patches the MLPs without lora_swiglu_down_a, whose backward
+    holds act through the SwiGLU backward; without it, with."""
+    cfg = TrainConfig(output_dir=str(tmp_path), activation_checkpointing=checkpointing, device="cpu", progress=False)
+    loop = TrainLoop(cfg, model=load_model(embedded_model_dir(), dtype=torch.float32, device="cpu"),
+                     train_batches=ListBatches([collate(synthetic_examples()[:4])]))  # fmt: skip
+    mlps = [layer.mlp for layer in decoder_layers(loop.model)]
+    assert mlps and all(m.lora_swiglu_fuses_down_a is not checkpointing for m in mlps)

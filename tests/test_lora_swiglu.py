@@ -112,17 +112,20 @@ def tiny_lora_llama(dropout=0.0):
 
 
 @needs_kernel
-def test_patched_mlp_trains_like_peft(monkeypatch):
-    """A tiny Llama with peft LoRA on all linears: the patched MLPs give peft's loss and LoRA gradients (fp32)."""
+@pytest.mark.parametrize("fuse_down_a", [True, False])
+def test_patched_mlp_trains_like_peft(monkeypatch, fuse_down_a):
+    """A tiny Llama with peft LoRA on all linears: the patched MLPs give peft's loss and LoRA gradients (fp32), with
+    the down projection's lora_A inside the fused function or apart."""
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     results = []
     for patch in (False, True):
         model = tiny_lora_llama().to(DEVICE)
         if patch:
             monkeypatch.setattr(rank_product, "FUSE_DEVICES", (DEVICE,))
-            assert ls.patch_lora_swiglu(model) == 2
-        calls = []  # the MLPs' down_proj is plain LoRA too: the down-A form serves them
-        monkeypatch.setattr(ls.LoraSwiGLUDownAFunction, "forward", _counting(ls.LoraSwiGLUDownAFunction.forward, calls))
+            assert ls.patch_lora_swiglu(model, fuse_down_a=fuse_down_a) == 2
+        calls = []  # the MLPs' down_proj is plain LoRA too: the down-A form serves them where asked
+        fn = ls.LoraSwiGLUDownAFunction if fuse_down_a else ls.LoraSwiGLUFunction
+        monkeypatch.setattr(fn, "forward", _counting(fn.forward, calls))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         assert len(calls) == (2 if patch else 0)

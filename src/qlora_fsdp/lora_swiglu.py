@@ -251,7 +251,8 @@ def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
         for proj, name in zip((self.gate_proj, self.up_proj), names)
     )
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) -> (T, n)
-    down, down_name = self.down_proj, _single_plain_adapter(self.down_proj)
+    down = self.down_proj
+    down_name = _single_plain_adapter(down) if self.lora_swiglu_fuses_down_a else None
     if down_name is None:
         act = lora_swiglu(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu)  # (T, I)
         return down(act.view(base_g.shape))
@@ -261,13 +262,18 @@ def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return lora_add(down.base_layer(act), h * down.scaling[down_name], down.lora_B[down_name].weight)
 
 
-def patch_lora_swiglu(model: nn.Module) -> int:
+def patch_lora_swiglu(model: nn.Module, fuse_down_a: bool = True) -> int:
     """Route the SiLU MLPs of `model` (gate_proj, up_proj, down_proj, act_fn) through lora_swiglu where it applies
     (see the module docstring); the number of MLPs patched. Each checks its adapters at every call and falls back to
-    its own forward."""
+    its own forward.
+
+    fuse_down_a=False keeps the down projection's lora_A apart (lora_swiglu, not lora_swiglu_down_a): its backward
+    frees act before the SwiGLU backward runs, where the fused function holds act through it, one (T, I) tensor more
+    at the backward peak of a checkpointed layer (58.7 MB at 2,048 Llama 3.1 8B tokens)."""
     patched = 0
     for module in model.modules():
         if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_fused_mlp_forward, module)
+            module.lora_swiglu_fuses_down_a = fuse_down_a
             patched += 1
     return patched

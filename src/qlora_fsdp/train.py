@@ -263,7 +263,9 @@ class TrainLoop:
         keep_dequantized(cfg.keep_dequantized)  # process-wide: the loop's setting holds for its model
         from .lora_swiglu import patch_lora_swiglu
 
-        patch_lora_swiglu(self.model)  # on CUDA, the MLPs' LoRA terms inside the SwiGLU kernel (lora_swiglu.py)
+        # on CUDA, the MLPs' LoRA terms inside the SwiGLU kernels (lora_swiglu.py); with checkpointing, where memory
+        # is the point, without the down projection's lora_A (one (T, I) tensor less at the backward peak)
+        patch_lora_swiglu(self.model, fuse_down_a=not cfg.activation_checkpointing)
         self.rank, self.world = _rank_and_world()
         if cfg.activation_checkpointing:
             self._checkpoint_layers()
