@@ -5,7 +5,7 @@
 Each kernel is memory-bound: its floor is the bytes it must move at the device's copy bandwidth (measured in the
 same run). Every (BT, BN, warps) tried is checked against the production launch's output, then timed (GPU time
 from the profiler, mean of 20 calls). Prints one table per kernel, best first; appends JSON lines to the results
-file. The production shapes are the module constants (lora_swiglu.FORWARD_TILE / BACKWARD_TILE, lora_add's).
+file. The production shapes are the module constants (lora_swiglu.FORWARD_TILE / BACKWARD_TILE, lora_add.TILE).
 """
 
 from __future__ import annotations
@@ -85,8 +85,7 @@ def main():
         add_kernel = la.kernel_for(la._lora_add_kernel, base)
 
         def run(bt, bn, warps, base=base, h=h, w=w, add_kernel=add_kernel):
-            shape = {} if bt is None else {"block_t": bt, "block_n": bn, "num_warps": warps}
-            return (la._launch(add_kernel, base, h, w, **shape),)
+            return (la._launch(add_kernel, base, h, w, tile=bt and (bt, bn, warps)),)
 
         sweep(f"lora_add ({t}, {n})", run, 2 * t * n * 2, bandwidth, rows)
 

@@ -172,7 +172,12 @@ class LoraSwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad_act: Tensor):
         base_g, base_u, hg, hu, wg, wu = ctx.saved_tensors
         grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
-        return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu)
+        return _with_lora_grads(grad_gate, grad_up, hg, hu, wg, wu)
+
+
+def _with_lora_grads(grad_gate: Tensor, grad_up: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> tuple:
+    """The gradients of (base_g, base_u, hg, hu, wg, wu) from d gate and d up: the LoRA matmuls of eager mode."""
+    return grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu
 
 
 class LoraSwiGLUDownAFunction(torch.autograd.Function):
@@ -190,15 +195,12 @@ class LoraSwiGLUDownAFunction(torch.autograd.Function):
         base_g, base_u, hg, hu, wg, wu, a_down, act = ctx.saved_tensors
         if grad_act is None:
             grad_act = torch.zeros_like(act)
-        if grad_h is None:
-            grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
-            grad_a = None
-        else:
-            grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(
-                base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down.t().contiguous()
-            )
-            grad_a = grad_h.t() @ act  # (r_d, I)
-        return (grad_gate, grad_up, grad_gate @ wg, grad_up @ wu, grad_gate.t() @ hg, grad_up.t() @ hu, grad_a)
+        a_down_t = a_down.t().contiguous() if grad_h is not None else None  # (I, r_d)
+        grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(
+            base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t
+        )
+        grad_a = grad_h.t() @ act if grad_h is not None else None  # (r_d, I)
+        return *_with_lora_grads(grad_gate, grad_up, hg, hu, wg, wu), grad_a
 
 
 def _checked(base_g, base_u, hg, hu, wg, wu) -> list[Tensor]:

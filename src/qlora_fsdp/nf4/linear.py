@@ -71,7 +71,7 @@ def keep_dequantized(keep: bool) -> None:
     if keep and not _KEEP_DEQUANTIZED:
         _AUTOGRAD_CACHE_BEFORE_KEEP = functorch_config.enable_autograd_cache
         functorch_config.enable_autograd_cache = False
-    elif not keep and _KEEP_DEQUANTIZED and _AUTOGRAD_CACHE_BEFORE_KEEP is not None:
+    elif not keep and _KEEP_DEQUANTIZED:
         functorch_config.enable_autograd_cache = _AUTOGRAD_CACHE_BEFORE_KEEP
     _KEEP_DEQUANTIZED = keep
 
