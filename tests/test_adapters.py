@@ -52,7 +52,8 @@ def test_export_merge_and_generate(trained, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, loop.model.eval()(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)  # W + s B A folded into one fp32 matrix: rounding only
-    assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", "Give the last letter.", "--input", "kitten",
+                 "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() != ""
 
 
@@ -74,4 +75,10 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < 0.7 * evals[0]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
-    assert json.loads((out / "eval.json").read_text())["examples"] == 60
+    result = json.loads((out / "eval.json").read_text())
+    by_kind = result["by_instruction"]
+    assert result["examples"] == 60 and sum(k["examples"] for k in by_kind.values()) == 60
+    assert set(by_kind) == {"Reverse the word.", "Sort the letters.", "Give the last letter."}
+    for key, when in (("exact_match_untrained", "untrained"), ("exact_match_trained", "trained")):
+        assert result[key] == sum(k[when] for k in by_kind.values()) / 60
+    assert "Give the last letter." in printed

@@ -5,19 +5,22 @@
 Writes, into DIR (default: the package's assets folder):
 
     train.jsonl          2000 instruction examples   {"instruction", "input", "output"}
-    eval.jsonl            200 held-out examples       (no eval word or number pair occurs in train)
+    eval.jsonl            200 held-out examples       (no eval word occurs in train)
     tokenizer.json        character-level WordLevel tokenizer (every printable ASCII character, \\n, \\t)
     tokenizer_config.json, chat_template.jinja        PreTrainedTokenizerFast: <s> </s> <pad> <unk>, a chat template
 
 The task mixes three kinds a small model (hidden 128, 4 layers) can learn at character level, so held-out exact
 match and loss are meaningful:
 
-    reverse   "Reverse the word."   input "kitten"    -> "nettik"
-    sort      "Sort the letters."   input "cab"       -> "abc"
-    add       "What is 23 + 45?"    input ""          -> "68"        (a, b in 0..99)
+    reverse   "Reverse the word."        input "kitten"    -> "nettik"
+    sort      "Sort the letters."        input "cab"       -> "abc"
+    last      "Give the last letter."    input "kitten"    -> "n"
 
-Reverse and sort carry their argument in `input`, add in the instruction with an empty `input`, so both prompt
-shapes of the instruction template occur. Same seed -> byte-identical files (tests check the shipped copy).
+The embedded base (tools/make_tiny_model.py) is pretrained on reverse and sort only; the default run's adapter learns
+the last letter in its 300 steps (11 -> 21 right of the 21 in the first 60 held-out examples). Two-digit addition, the
+third kind before, was not learned in that budget (0 right before and after), nor was copying the word forward, by this
+adapter or by peft's own on the dense base.
+Same seed -> byte-identical files (tests check the shipped copy).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "qlora_fsdp" / "assets" / "tiny"
 NUM_TRAIN, NUM_EVAL = 2000, 200
-KINDS = ("reverse", "sort", "add")
+KINDS = ("reverse", "sort", "last")
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -59,40 +62,32 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
 
 
-def _example(kind: str, arg) -> dict:
+def _example(kind: str, word: str) -> dict:
     if kind == "reverse":
-        return {"instruction": "Reverse the word.", "input": arg, "output": arg[::-1]}
+        return {"instruction": "Reverse the word.", "input": word, "output": word[::-1]}
     if kind == "sort":
-        return {"instruction": "Sort the letters.", "input": arg, "output": "".join(sorted(arg))}
-    a, b = arg
-    return {"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
+        return {"instruction": "Sort the letters.", "input": word, "output": "".join(sorted(word))}
+    return {"instruction": "Give the last letter.", "input": word, "output": word[-1]}
 
 
 def make_examples(seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) example lists: kinds balanced; eval arguments (words, number pairs either way) unseen in train."""
+    """(train, eval) example lists: kinds balanced; eval words unseen in train."""
     rng = random.Random(seed)
     per_kind_eval = [NUM_EVAL // len(KINDS) + (i < NUM_EVAL % len(KINDS)) for i in range(len(KINDS))]
     per_kind_train = [NUM_TRAIN // len(KINDS) + (i < NUM_TRAIN % len(KINDS)) for i in range(len(KINDS))]
     used_words: set[str] = set()
-    used_pairs: set[tuple[int, int]] = set()
 
-    def fresh(kind: str):
+    def fresh() -> str:
         while True:
-            if kind == "add":
-                a, b = rng.randint(0, 99), rng.randint(0, 99)
-                if (a, b) not in used_pairs:
-                    used_pairs.update({(a, b), (b, a)})
-                    return (a, b)
-            else:
-                w = _word(rng)
-                if w not in used_words:
-                    used_words.add(w)
-                    return w
+            w = _word(rng)
+            if w not in used_words:
+                used_words.add(w)
+                return w
 
     train, held_out = [], []
     for kind, n_eval, n_train in zip(KINDS, per_kind_eval, per_kind_train):
-        held_out += [_example(kind, fresh(kind)) for _ in range(n_eval)]
-        train += [_example(kind, fresh(kind)) for _ in range(n_train)]
+        held_out += [_example(kind, fresh()) for _ in range(n_eval)]
+        train += [_example(kind, fresh()) for _ in range(n_train)]
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out

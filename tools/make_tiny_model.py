@@ -1,10 +1,11 @@
 """Writes the embedded default model: a tiny Llama (bf16) beside the embedded tokenizer and task.
 
-    python tools/make_tiny_model.py [--steps 1500]   # -> src/qlora_fsdp/assets/tiny/{config.json, model.safetensors}
+    python tools/make_tiny_model.py [--steps 3000]   # -> src/qlora_fsdp/assets/tiny/{config.json, model.safetensors}
 
 The base is pretrained (all weights, a few minutes on a CPU) on two of the embedded task's three kinds,
-reversing and sorting letters, never on addition, with freshly drawn words (none of the held-out set's). The default `qlora-fsdp train` run then freezes it in NF4 and
-trains a LoRA adapter on all three kinds: the held-out loss falls most on the addition it never saw.
+reversing and sorting letters, never on giving the last letter, with freshly drawn words (none of the held-out
+set's). The default `qlora-fsdp train` run then freezes it in NF4 and trains a LoRA adapter on all three kinds: the
+adapter learns the kind the base never saw.
 Deterministic for a given torch version (seed 0).
 """
 

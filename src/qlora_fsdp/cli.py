@@ -221,17 +221,21 @@ def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
 
     from .checkpoint import atomic_write_text
     from .data import embedded_dataset
-    from .evaluate import exact_match
+    from .evaluate import exact_match_by_instruction, match_share
 
     examples = list(embedded_dataset(f"eval[:{n}]"))
     # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it
     eager = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
     with eager:
         with loop.model.disable_adapter():
-            before = exact_match(loop.model, loop.tokenizer, examples)
-        after = exact_match(loop.model, loop.tokenizer, examples)
-    print(f"held-out exact match ({n} examples): {before:.0%} (untrained adapter) -> {after:.0%} (trained)")
-    result = {"exact_match_untrained": before, "exact_match_trained": after, "examples": n}
+            before = exact_match_by_instruction(loop.model, loop.tokenizer, examples)
+        after = exact_match_by_instruction(loop.model, loop.tokenizer, examples)
+    before_share, after_share = match_share(before), match_share(after)
+    print(f"held-out exact match ({n} examples): {before_share:.0%} (untrained adapter) -> {after_share:.0%} (trained)")
+    for instruction, (hits, m) in sorted(after.items()):
+        print(f"  {instruction:<24} {before[instruction][0]:>3}/{m} -> {hits}/{m}")
+    result = {"exact_match_untrained": before_share, "exact_match_trained": after_share, "examples": n,
+              "by_instruction": {k: {"untrained": before[k][0], "trained": h, "examples": m} for k, (h, m) in after.items()}}  # fmt: skip
     atomic_write_text(Path(cfg.output_dir) / "eval.json", json.dumps(result) + "\n")
 
 

@@ -21,13 +21,25 @@ def greedy_answer(model, tokenizer, instruction: str, input: str = "", max_new_t
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def exact_match(model, tokenizer, examples, max_new_tokens: int = 16) -> float:
-    """Share of `examples` (dicts with instruction, input, output) whose greedy answer equals the output."""
+def exact_match_by_instruction(model, tokenizer, examples, max_new_tokens: int = 16) -> dict[str, tuple[int, int]]:
+    """{instruction: (hits, examples)} over `examples` (dicts with instruction, input, output): a hit is a greedy
+    answer equal to the output. For data with a few distinct instructions, such as the embedded task."""
     was_training = model.training
     model.eval()
-    hits = sum(
-        greedy_answer(model, tokenizer, e["instruction"], e.get("input") or "", max_new_tokens) == e["output"].strip()
-        for e in examples
-    )
+    counts: dict[str, tuple[int, int]] = {}
+    for e in examples:
+        answer = greedy_answer(model, tokenizer, e["instruction"], e.get("input") or "", max_new_tokens)
+        hits, n = counts.get(e["instruction"], (0, 0))
+        counts[e["instruction"]] = (hits + (answer == e["output"].strip()), n + 1)
     model.train(was_training)
-    return hits / max(len(examples), 1)
+    return counts
+
+
+def match_share(counts: dict[str, tuple[int, int]]) -> float:
+    """The share of hits in exact_match_by_instruction's counts."""
+    return sum(h for h, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1)
+
+
+def exact_match(model, tokenizer, examples, max_new_tokens: int = 16) -> float:
+    """Share of `examples` (dicts with instruction, input, output) whose greedy answer equals the output."""
+    return match_share(exact_match_by_instruction(model, tokenizer, examples, max_new_tokens))
