@@ -269,7 +269,7 @@ def test_cli_pp_2_trains_reports_the_schedule_and_writes_a_peft_adapter(tmp_path
 
     out = tmp_path / "run"
     args = ["train", "--nproc", "2", "--pp", "2", "--pp-schedule", "interleaved_zb", "--pp-report", "--max-steps", "3",
-            "--max-length", "64", "--batch-size", "8", "--output-dir", str(out)]  # fmt: skip
+            "--max-length", "96", "--batch-size", "8", "--output-dir", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capfd.readouterr().out  # the workers' output
     assert "pipeline interleaved_zb: 2 stages x 1 replicas, 4 microbatches a step" in printed
@@ -278,7 +278,7 @@ def test_cli_pp_2_trains_reports_the_schedule_and_writes_a_peft_adapter(tmp_path
     from qlora_fsdp.cli import EMBEDDED_DEFAULTS
     from qlora_fsdp.train import TrainLoop
 
-    one = TrainConfig(**{**EMBEDDED_DEFAULTS, "max_steps": 3, "max_length": 64, "batch_size": 8, "progress": False,
+    one = TrainConfig(**{**EMBEDDED_DEFAULTS, "max_steps": 3, "max_length": 96, "batch_size": 8, "progress": False,
                          "output_dir": str(tmp_path / "one")})  # fmt: skip  (the same run on one process)
     ref = TrainLoop(one).train()
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
