@@ -39,7 +39,3 @@ def match_share(counts: dict[str, tuple[int, int]]) -> float:
     """The share of hits in exact_match_by_instruction's counts."""
     return sum(h for h, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1)
 
-
-def exact_match(model, tokenizer, examples, max_new_tokens: int = 16) -> float:
-    """Share of `examples` (dicts with instruction, input, output) whose greedy answer equals the output."""
-    return match_share(exact_match_by_instruction(model, tokenizer, examples, max_new_tokens))
