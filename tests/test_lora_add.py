@@ -14,6 +14,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="no Triton interpreter")
 
 
+@pytest.fixture(autouse=True)
+def _kernels_in_the_interpreter(monkeypatch):
+    """Here CPU tensors run the kernels in Triton's interpreter (training on CPU takes the PyTorch references)."""
+    monkeypatch.setattr(rank_product, "INTERPRET_ON_CPU", True)
+
+
 def inputs(lead, n, r, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(DEVICE, dtype)  # noqa: E731

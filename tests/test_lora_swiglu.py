@@ -12,6 +12,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="no Triton interpreter")
 
 
+@pytest.fixture(autouse=True)
+def _kernels_in_the_interpreter(monkeypatch):
+    """Here CPU tensors run the kernels in Triton's interpreter (training on CPU takes the PyTorch references)."""
+    monkeypatch.setattr(rank_product, "INTERPRET_ON_CPU", True)
+
+
 def inputs(t, i, r, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape, std=1.0: (torch.randn(*shape, generator=g) * std).to(DEVICE, dtype)  # noqa: E731
@@ -93,7 +99,7 @@ def test_shapes_that_do_not_fit_are_one_line_errors():
         ls.lora_swiglu(*args)
 
 
-def tiny_lora_llama(dropout=0.0):
+def tiny_lora_llama(dropout=0.0, r=8):
     import peft
     import transformers
 
@@ -102,7 +108,7 @@ def tiny_lora_llama(dropout=0.0):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
+    lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear")
     register_rank_scaled_lora(lora)
     model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
     for name, p in model.named_parameters():
@@ -155,3 +161,22 @@ def test_patched_mlp_falls_back_where_it_does_not_apply(monkeypatch):
         monkeypatch.setattr(ls, "lora_swiglu", lambda *a: pytest.fail("the fused path ran"))
         monkeypatch.setattr(ls, "lora_swiglu_down_a", lambda *a: pytest.fail("the fused path ran"))
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_a_rank_the_gpu_cannot_fit_takes_the_unfused_path(monkeypatch):
+    """On a T4 (faked: every device answers sm75) fp32 LoRA fits the fused kernels up to rank 32: rank 8 takes them,
+    rank 64 the projections' own path (no error), with the same loss as unpatched."""
+    import qlora_fsdp.lora_add as la
+
+    monkeypatch.setattr(rank_product, "cuda_capability", lambda device: (7, 5))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    for r, fused in ((8, True), (64, False)):
+        want = tiny_lora_llama(r=r)(input_ids=ids, labels=ids).loss
+        model = tiny_lora_llama(r=r)
+        assert ls.patch_lora_swiglu(model) == 2
+        calls = []
+        for fn in (ls.LoraSwiGLUDownAFunction, la.LoraAddFunction):
+            monkeypatch.setattr(fn, "forward", _counting(fn.forward, calls))
+        loss = model(input_ids=ids, labels=ids).loss
+        assert len(calls) == (2 * 6 if fused else 0), (r, len(calls))  # a layer: its MLP, 4 attention projections, down
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .nf4.triton_dequant import HAS_TRITON, kernel_for
+from . import rank_product
+from .nf4.triton_dequant import HAS_TRITON
 from .rank_product import dot_options
 
 TILE = (64, 128, 4)  # the (T, N) tile one program computes, and its warps (benchmarks/lora_kernels.py: 1.05x the
@@ -50,16 +51,22 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, (base + lora).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@rank_product.without_autocast
 def lora_add_reference(base: Tensor, h: Tensor, w: Tensor) -> Tensor:
-    """The kernel's math in PyTorch ops: fp32 product and sum, rounded once to base's dtype."""
-    return (base.float() + h.float() @ w.float().t()).to(base.dtype)
+    """The kernel's math in PyTorch ops: fp32 (fp64 for fp64 inputs) product and sum, rounded once to base's dtype."""
+    acc = torch.promote_types(base.dtype, torch.float32)
+    return (base.to(acc) + h.to(acc) @ w.to(acc).t()).to(base.dtype)
 
 
 def _launch(kernel, base: Tensor, h: Tensor, w: Tensor, tile=None) -> Tensor:
-    """tile: (BT, BN, warps), by default TILE."""
+    """tile: (BT, BN, warps), by default TILE. ValueError (one line) for a rank whose tiles exceed the GPU's shared
+    memory per block (rank_product.check_fused_rank)."""
+    from .rank_product import check_fused_rank
+
     block_t, block_n, num_warps = tile or TILE
     t, n = base.shape
     r = h.shape[1]
+    check_fused_rank(r, base.dtype, base.device)
     out = torch.empty_like(base)
     grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
     kernel[grid](base, h, w, out, t, n, r, BT=block_t, BN=block_n, **dot_options(r, base.dtype), num_warps=num_warps)
@@ -69,7 +76,7 @@ def _launch(kernel, base: Tensor, h: Tensor, w: Tensor, tile=None) -> Tensor:
 @torch.library.triton_op("qlora_fsdp::lora_add", mutates_args=())
 def lora_add_op(base: Tensor, h: Tensor, w: Tensor) -> Tensor:
     """base + h @ w^T for contiguous 2-D inputs of one dtype, at least one row (see the module docstring)."""
-    kernel = kernel_for(_lora_add_kernel, base) if HAS_TRITON else None
+    kernel = rank_product.lora_kernel(_lora_add_kernel, base)
     if kernel is not None:
         return _launch(kernel, base, h, w)
     return lora_add_reference(base, h, w)

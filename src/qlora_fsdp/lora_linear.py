@@ -42,7 +42,7 @@ if PeftLoraLinear is not None:
             result = self.base_layer(x)  # (..., out)
             result_dtype = result.dtype
             name = self.single_unbiased_adapter(names)
-            if name is not None and x.device.type in rank_product.FUSE_DEVICES:
+            if name is not None and rank_product.takes_fused(x, self.r[name]):
                 # one kernel adds the rank-r product to the base output (lora_add.py)
                 return lora_add(result, self.scaled_rank_activations(x, name), self.lora_B[name].weight)
             for name in names:

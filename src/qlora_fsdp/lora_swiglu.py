@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import rank_product
 from .lora_add import lora_add
 from .lora_linear import RankScaledLoraLinear
-from .nf4.triton_dequant import HAS_TRITON, kernel_for
+from .nf4.triton_dequant import HAS_TRITON
 from .rank_product import dot_options
 
 # the tile of (T, I) one program computes, and its warps; the fastest of benchmarks/lora_kernels.py on an H100 at
@@ -98,38 +98,44 @@ if HAS_TRITON:
 
 
 def _gate_up_reference(base_g, base_u, hg, hu, wg, wu) -> tuple[Tensor, Tensor]:
-    """gate and up as fp32, each rounded once to the base outputs' dtype (the kernel's math in PyTorch ops)."""
-    gate = (base_g.float() + hg.float() @ wg.float().t()).to(base_g.dtype)
-    up = (base_u.float() + hu.float() @ wu.float().t()).to(base_u.dtype)
-    return gate.float(), up.float()
+    """gate and up as fp32 (fp64 for fp64 inputs), each rounded once to the base outputs' dtype (the kernel's math in
+    PyTorch ops)."""
+    acc = torch.promote_types(base_g.dtype, torch.float32)
+    gate = (base_g.to(acc) + hg.to(acc) @ wg.to(acc).t()).to(base_g.dtype)
+    up = (base_u.to(acc) + hu.to(acc) @ wu.to(acc).t()).to(base_u.dtype)
+    return gate.to(acc), up.to(acc)
 
 
+@rank_product.without_autocast
 def lora_swiglu_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
     """act in PyTorch ops, the same math and roundings as the kernel."""
     g, u = _gate_up_reference(base_g, base_u, hg, hu, wg, wu)
     return (g * torch.sigmoid(g) * u).to(base_g.dtype)
 
 
+@rank_product.without_autocast
 def lora_swiglu_backward_reference(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
                                    grad_act: Tensor, grad_h: Tensor | None = None,
                                    a_down_t: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(d gate, d up) in PyTorch ops, the same math and roundings as the kernel."""
     g, u = _gate_up_reference(base_g, base_u, hg, hu, wg, wu)
-    da, sig = grad_act.float(), torch.sigmoid(g)
+    da, sig = grad_act.to(g.dtype), torch.sigmoid(g)
     if grad_h is not None:
-        da = da + grad_h.float() @ a_down_t.float().t()
+        da = da + grad_h.to(g.dtype) @ a_down_t.to(g.dtype).t()
     return (da * u * sig * (1 + g * (1 - sig))).to(base_g.dtype), (da * g * sig).to(base_g.dtype)
 
 
 def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None, grad_h=None, a_down_t=None, tile=None):
-    """tile: (BT, BI, warps), by default FORWARD_TILE or BACKWARD_TILE."""
+    """tile: (BT, BI, warps), by default FORWARD_TILE or BACKWARD_TILE. ValueError (one line) for ranks whose tiles
+    exceed the GPU's shared memory per block (rank_product.check_fused_rank)."""
     t, i = base_g.shape
     r = hg.shape[1]
     backward, down_a = grad_act is not None, grad_h is not None
     block_t, block_i, num_warps = tile or (BACKWARD_TILE if backward else FORWARD_TILE)
+    rd = grad_h.shape[1] if down_a else r
+    rank_product.check_fused_rank(max(r, rd), base_g.dtype, base_g.device)
     out1 = torch.empty_like(base_g)
     out2 = torch.empty_like(base_g) if backward else out1
-    rd = grad_h.shape[1] if down_a else r
     options = dot_options(r, base_g.dtype)
     grid = (triton.cdiv(t, block_t), triton.cdiv(i, block_i))
     kernel[grid](base_g, base_u, hg, hu, wg, wu, grad_act if backward else base_g, grad_h if down_a else hg,
@@ -142,7 +148,7 @@ def _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act=None, grad_h=None, 
 @torch.library.triton_op("qlora_fsdp::lora_swiglu", mutates_args=())
 def lora_swiglu_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
     """act of contiguous 2-D inputs of one dtype (see the module docstring)."""
-    kernel = kernel_for(_lora_swiglu_kernel, base_g) if HAS_TRITON else None
+    kernel = rank_product.lora_kernel(_lora_swiglu_kernel, base_g)
     if kernel is not None:
         return _launch(kernel, base_g, base_u, hg, hu, wg, wu)
     return lora_swiglu_reference(base_g, base_u, hg, hu, wg, wu)
@@ -156,7 +162,7 @@ def lora_swiglu_backward_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tens
     d act = grad_act (+ grad_h @ a_down_t^T: grad_h (T, r_d), a_down_t (I, r_d) contiguous)."""
     grad_act = grad_act.contiguous()
     grad_h = grad_h.contiguous() if grad_h is not None else None
-    kernel = kernel_for(_lora_swiglu_kernel, base_g) if HAS_TRITON else None
+    kernel = rank_product.lora_kernel(_lora_swiglu_kernel, base_g)
     if kernel is not None:
         return _launch(kernel, base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
     return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
@@ -246,7 +252,7 @@ def _is_silu(act: nn.Module) -> bool:
 
 def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     names = [_single_plain_adapter(self.gate_proj), _single_plain_adapter(self.up_proj)]
-    if x.device.type not in rank_product.FUSE_DEVICES or None in names:
+    if None in names or not rank_product.takes_fused(x, max(self.gate_proj.r[names[0]], self.up_proj.r[names[1]])):
         return type(self).forward(self, x)
     (base_g, hg, wg), (base_u, hu, wu) = (
         (proj.base_layer(x), proj.scaled_rank_activations(x, name), proj.lora_B[name].weight)  # (..., I), (..., r)
@@ -255,6 +261,8 @@ def _fused_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) -> (T, n)
     down = self.down_proj
     down_name = _single_plain_adapter(down) if self.lora_swiglu_fuses_down_a else None
+    if down_name is not None and not rank_product.takes_fused(x, down.r[down_name]):
+        down_name = None  # its lora_A apart: the down projection's own forward decides for its rank
     if down_name is None:
         act = lora_swiglu(flat(base_g), flat(base_u), flat(hg), flat(hu), wg, wu)  # (T, I)
         return down(act.view(base_g.shape))
