@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from qlora_fsdp.compile import token_loss_sum
+from qlora_fsdp.lora_swiglu import patch_lora_swiglu
 from qlora_fsdp.model import load_model
 from qlora_fsdp.train import TrainConfig, add_lora, seed_everything
 from tests.parallel.test_fsdp import free_port
@@ -41,9 +42,13 @@ def step_batches():
 
 
 def peft_model(model_dir):
+    """The tiny Llama with LoRA as TrainLoop builds it: its graph holds the fused LoRA kernels' autograd Functions
+    (lora_add in the attention, lora_swiglu in the MLPs; on CPU their PyTorch references), as on a GPU."""
     cfg = TrainConfig(output_dir="unused", lora_r=4, lora_alpha=8, precision="fp32", device="cpu")
     seed_everything(cfg.seed)  # the LoRA initialisation TrainLoop makes
-    return add_lora(load_model(model_dir, dtype=torch.float32, device="cpu"), cfg)
+    model = add_lora(load_model(model_dir, dtype=torch.float32, device="cpu"), cfg)
+    assert patch_lora_swiglu(model) == 4
+    return model
 
 
 def label_tokens(b):

@@ -181,8 +181,10 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
     if schedule in ZERO_BUBBLE and any(getattr(m, "_compiled_call_impl", None) is not None for m in layers):
         raise PipelineError(f"{schedule}: {COMPILED_ZERO_BUBBLE}")
     cls_name, per_rank = SCHEDULES[schedule]
-    if schedule in ZERO_BUBBLE and FUSED_WEIGHT_PASS:
-        _use_fused_weight_pass()
+    if schedule in ZERO_BUBBLE:
+        _anchor_function_intermediates()
+        if FUSED_WEIGHT_PASS:
+            _use_fused_weight_pass()
     total = n_stages(schedule, pp)
     bounds = split_bounds(len(layers), total, layers_per_stage)
     mods, stages = [], []
@@ -191,7 +193,7 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
         if dp_mesh is not None:
             _shard_stage(mod, dp_mesh, fsdp or {})
         mods.append(mod)
-        stages.append(pipelining.PipelineStage(mod, s, total, torch.device(device), group=group))
+        stages.append(_stage_class()(mod, s, total, torch.device(device), group=group))
     cls = getattr(pipelining, cls_name)
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
                 scale_grads=False)  # fmt: skip
@@ -199,8 +201,28 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
                     group=group)  # fmt: skip
 
 
+_STAGE_CLASS: list = []
+
+
+def _stage_class():
+    """torch's PipelineStage whose first step opens no channel from a rank to itself: its channel-opening sends and
+    receives (one each way between neighbouring stages) include, under ZBV, the pair of stages on one rank, which the
+    gloo backend of torch 2.11 refuses ("Pair is not connected"). A rank's own stages pass tensors in memory."""
+    if not _STAGE_CLASS:
+        import torch.distributed as dist
+        from torch.distributed.pipelining import PipelineStage
+
+        class Stage(PipelineStage):
+            def _get_init_p2p_neighbors_ops(self) -> list:
+                me = dist.get_rank(self.group)
+                return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != me]
+
+        _STAGE_CLASS.append(Stage)
+    return _STAGE_CLASS[0]
+
+
 def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph: bool = False) -> tuple:
-    """torch.distributed.pipelining's weight pass (`stage_backward_weight`) in one `autograd.grad` call.
+    """torch.distributed.pipelining's weight pass (`stage_backward_weight`) in one call into the autograd engine.
 
     The input pass saves, per group of parameters, the gradients reaching the group's intermediate autograd nodes;
     torch's weight pass then calls `autograd.grad` once per group: 14 groups per Llama decoder layer with LoRA on
@@ -214,7 +236,7 @@ def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph:
     for w in weights:
         acc_to_weight[_get_grad_fn_or_grad_acc(w)] = w
         entry.append(w.grad)
-    edges, grads, params, hooks = [], [], [], []
+    edges, grads, params, hooks, anchors = [], [], [], [], []
     try:
         for group in param_groups:
             saved = group.pop("grads", None)
@@ -228,9 +250,9 @@ def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph:
                         edges.append(GradientEdge(node, i))
                         grads.append(g)
             params.extend(group["params"])
+            anchors.append(group.pop("anchors", None))  # released with the graph when this pass returns
         if edges and params:
-            dws = torch.autograd.grad(edges, [GradientEdge(a, 0) for a in params], grad_outputs=grads,
-                                      retain_graph=retain_graph, allow_unused=True)  # fmt: skip
+            dws = _grad_of_edges(edges, [GradientEdge(a, 0) for a in params], grads, retain_graph)
             for acc, dw in zip(params, dws):
                 w = acc_to_weight[acc]
                 if dw is None:
@@ -245,11 +267,72 @@ def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph:
     return tuple(entry)
 
 
+def _grad_of_edges(outputs: list, inputs: list, grads: list, retain_graph: bool) -> tuple:
+    """`torch.autograd.grad(outputs, inputs, grads, allow_unused=True)` for GradientEdge outputs, straight into the
+    autograd engine: `autograd.grad` reads each output node's `_input_metadata` to check the gradients' shapes, which a
+    custom autograd.Function's node does not have in torch 2.11 ("Attribute '_input_metadata' is invalid for this
+    instance of _C._FunctionBase"). The gradients here are the ones autograd itself handed those nodes."""
+    from torch.autograd.graph import _engine_run_backward
+
+    return _engine_run_backward(tuple(outputs), tuple(grads), retain_graph, False, tuple(inputs), True,
+                                accumulate_grad=False)  # fmt: skip
+
+
 def _use_fused_weight_pass() -> None:
     """Route the stages' weight passes through stage_backward_weight_fused (idempotent)."""
     import torch.distributed.pipelining.stage as stage_module
 
     stage_module.stage_backward_weight = stage_backward_weight_fused
+
+
+def _python_function_node(node) -> bool:
+    """Whether an autograd node is a custom autograd.Function's (Python) node."""
+    return isinstance(node, torch.autograd.function.BackwardCFunction)
+
+
+def _cpp_consumers(node, reverse_edges: dict) -> list:
+    """The nearest C++ autograd nodes above `node` (toward the outputs) in the reverse graph: each holds `node`
+    alive through its edges, and so do the Python nodes between them."""
+    found, todo, seen = [], list(reverse_edges.get(node, ())), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _python_function_node(n):
+            todo.extend(reverse_edges.get(n, ()))
+        else:
+            found.append(n)
+    return found
+
+
+def anchored_param_groups(inputs, params, reverse_edges: dict) -> list[dict]:
+    """torch's `get_param_groups`, with each group's custom-Function intermediates kept alive until the weight pass.
+
+    The input pass detaches the stage outputs, which frees every autograd node not held elsewhere. torch keeps a
+    group's intermediate nodes in the group; that holds a C++ node, but a custom autograd.Function's node (the fused
+    LoRA kernels', lora_add.py and lora_swiglu.py) is a Python object that holds its C++ node weakly: freed, the
+    weight pass fails ("Attribute 'register_prehook' is invalid for this instance of _C._FunctionBase"). Its nearest
+    C++ consumers hold it, so the group keeps those ("anchors") until the weight pass has run."""
+    groups = _TORCH_GET_PARAM_GROUPS[0](inputs, params, reverse_edges)
+    for group in groups:
+        anchors = [c for node in group["intermediates"] if _python_function_node(node)
+                   for c in _cpp_consumers(node, reverse_edges)]  # fmt: skip
+        if anchors:
+            group["anchors"] = anchors
+    return groups
+
+
+_TORCH_GET_PARAM_GROUPS: list = []
+
+
+def _anchor_function_intermediates() -> None:
+    """Make the stages' input passes build their parameter groups with anchored_param_groups (idempotent)."""
+    import torch.distributed.pipelining._backward as backward_module
+
+    if not _TORCH_GET_PARAM_GROUPS:
+        _TORCH_GET_PARAM_GROUPS.append(backward_module.get_param_groups)
+        backward_module.get_param_groups = anchored_param_groups
 
 
 def _shard_stage(mod: DecoderStage, dp_mesh, options: dict) -> None:
