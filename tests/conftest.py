@@ -24,6 +24,7 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _fresh_compile_counters():
     """Dynamo's counters are process-wide: a test that counts graph breaks sees only its own compilations."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters, guard_failures
 
     counters.clear()
+    guard_failures.clear()

@@ -53,8 +53,21 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool 
     _configure(backend, model)
     embedding_output_requires_grad(model)
     for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(_input_as_view)  # after FSDP2's own pre-forward hook
         layer.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
     return model
+
+
+@torch.compiler.disable  # a hook runs as a frame of its own: Dynamo need not compile (and guard) it
+def _input_as_view(module: nn.Module, args: tuple):
+    """The layer's hidden states as a view of themselves: compiled graphs guard on whether an input is a view, and
+    FSDP2's pre-forward hook makes it one (it passes the inputs through an autograd Function) in forward but not
+    when non-reentrant checkpointing recomputes the layer in backward. Unchanged, the recomputation would compile a
+    second graph whose saved tensors differ from the forward's (torch.utils.checkpoint.CheckpointError). A view of a
+    view has the same base, so every call now sees a view of the same shape: one graph, no copy."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0].view_as(args[0]), *args[1:])
+    return None
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -71,11 +84,12 @@ def compile_loss(fn=token_loss_sum, *, backend: str = "inductor", dynamic: bool 
 
 
 def compile_counts() -> dict:
-    """Graphs compiled, graph breaks and recompilations so far in this process (Dynamo's counters)."""
-    from torch._dynamo.utils import counters
+    """Graphs compiled, graph breaks and recompilations (a frame compiled again because the guards of its earlier
+    graphs failed) so far in this process (Dynamo's counters and guard-failure record)."""
+    from torch._dynamo.utils import counters, guard_failures
 
     return {
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        "recompiles": sum(len(reasons) for reasons in guard_failures.values()),
     }

@@ -35,10 +35,11 @@ def make_loop(out, grad_accum, model_dir, **options):
     batches = [collate(synthetic_examples(n=48)[i : i + 4]) for i in range(0, 48, 4)]
     options = {"precision": "fp32", **options}
     device = options.pop("device", "cpu")
+    evaluate = options.pop("evaluate", True)  # False: the first forward is a training one (no evaluation at step 0)
     cfg = TrainConfig(output_dir=str(out), max_steps=STEPS, lr=5e-3, warmup_steps=2, progress=False, device=device,
                       lora_r=4, lora_alpha=8, grad_accum=grad_accum, **options)  # fmt: skip
     return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device=device),
-                     train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
+                     train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]) if evaluate else None)  # fmt: skip
 
 
 def _join(rank: int, world: int, port: int) -> str:
@@ -69,8 +70,10 @@ def _worker(rank, world, port, out, options):
         records = loop.train()
         lora = loop.lora_state_dict()  # on CPU
         if rank == 0:
-            torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes, "reduced_before": reduced_before},
-                       out / "fsdp.pt")  # fmt: skip
+            from qlora_fsdp.compile import compile_counts
+
+            torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes, "reduced_before": reduced_before,
+                        "compile": compile_counts()}, out / "fsdp.pt")  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
     # skip interpreter teardown: a gloo worker thread sometimes aborts it ("terminate called without an active
@@ -92,7 +95,11 @@ OPTIONS = {
     "fp16_mixed_precision": {"precision": "fp16", "fsdp_mixed_precision": True},  # with the gradient scaler
     "grad_accum_2": {"grad_accum": 2},
     "chunked_loss": {"chunked_loss": True},  # the head's weight gathered by its FSDP2 unit, used in the chunked loss
-    "compile": {"compile": True, "compile_backend": "aot_eager"},  # compiled decoder layers inside FSDP2's hooks  # 2 microbatches a rank per step: one reduce-scatter, after the second
+    # compiled decoder layers inside FSDP2's hooks, recomputed by (non-reentrant) checkpointing in backward, with the
+    # chunked loss: the combination a user picks for speed on several GPUs; no evaluation first, so the first compiled
+    # forward is a training one (FSDP2's hook makes its input a view, which the recomputation's is not)
+    "compile_checkpointing_chunked_loss": {"compile": True, "compile_backend": "aot_eager", "activation_checkpointing": True,
+                                           "chunked_loss": True, "evaluate": False},  # fmt: skip
 }
 
 
@@ -112,10 +119,13 @@ def test_n_ranks_equal_one_process(tmp_path, name):
     got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     # one process on the same global batches (bf16: autocast, LoRA weights fp32)
     accum = options.get("grad_accum", 1)
+    if options.get("compile") and not options.get("evaluate", True):  # the recomputation reuses the forward's graph
+        assert got["compile"]["recompiles"] == 0 and got["compile"]["graph_breaks"] == 0, got["compile"]
     if accum > 1:  # no gradient was reduced before a step's last microbatch (evaluation forwards are not traced)
         assert got["reduced_before"] and not any(got["reduced_before"])
     ref_loop = make_loop(tmp_path / "one", grad_accum=world * accum, model_dir=tmp_path / "model",
-                         precision=options.get("precision", "fp32"), device="cuda:0" if ON_GPUS else "cpu")  # fmt: skip
+                         precision=options.get("precision", "fp32"), device="cuda:0" if ON_GPUS else "cpu",
+                         evaluate=options.get("evaluate", True))  # fmt: skip
     ref = ref_loop.train()
     rtol = 1e-5 if options.get("precision", "fp32") == "fp32" else 1e-2
     losses = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731
