@@ -143,7 +143,7 @@ def _launch_workers(cfg) -> int:
     import torch
     import torch.multiprocessing as mp
 
-    if torch.cuda.is_available() and cfg.nproc > torch.cuda.device_count():
+    if _on_gpus(cfg) and cfg.nproc > torch.cuda.device_count():
         from .train import TrainError
 
         raise TrainError(f"--nproc {cfg.nproc} but this machine has {torch.cuda.device_count()} GPU(s): lower --nproc")
@@ -175,6 +175,13 @@ def _worker(rank: int, cfg, port: int) -> None:
     os._exit(0)
 
 
+def _on_gpus(cfg) -> bool:
+    """Whether the ranks of a run use GPUs: where there are any, unless --device cpu asks for the CPU."""
+    import torch
+
+    return torch.cuda.is_available() and not str(cfg.device or "").startswith("cpu")
+
+
 class _ProcessGroup:
     """init_process_group from torchrun-style environment variables (NCCL on GPUs, gloo on CPU); yields the rank."""
 
@@ -190,7 +197,8 @@ class _ProcessGroup:
         import torch.distributed as dist
 
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        gpus = _on_gpus(self.cfg)
+        if gpus:
             if not dist.is_nccl_available():
                 from .train import TrainError
 
@@ -200,7 +208,7 @@ class _ProcessGroup:
         else:
             self.cfg.device = "cpu"
         # NCCL for GPU tensors, gloo for CPU ones (CPU offload: the gradient norm is reduced on the host)
-        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        backend = "cuda:nccl,cpu:gloo" if gpus else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
         return dist.get_rank()
 

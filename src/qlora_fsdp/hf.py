@@ -47,7 +47,7 @@ def shard_for_trainer(model: nn.Module, args, *, cpu_offload: bool = False) -> n
     half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
     if device.type == "cuda":
         model.to(device)
-    apply_fsdp(model, **fsdp_policies(half, cpu_offload=cpu_offload, pin_memory=torch.cuda.is_available()))
+    apply_fsdp(model, **fsdp_policies(half, cpu_offload=cpu_offload, pin_memory=device.type == "cuda"))
     model._is_accelerate_prepared = True  # accelerate: keep this model as it is (no DDP replica)
     return model
 

@@ -39,7 +39,9 @@ def shard_kwargs(module: nn.Module, *, mesh=None, mp_policy=None, offload_policy
                  reshard_after_forward: bool = True) -> dict:  # fmt: skip
     """`fully_shard` keyword arguments, after checking that every NF4 weight of `module` splits evenly over the
     mesh (or the world): an NF4FormatError naming the weight otherwise."""
-    world = mesh.size() if mesh is not None else torch.distributed.get_world_size()
+    if mesh is None:  # fully_shard's own default mesh is on the accelerator whenever one exists, even for a CPU model
+        mesh = default_mesh(module)
+    world = mesh.size()
     for name, p in module.named_parameters():
         if isinstance(p, NF4Tensor):
             try:
@@ -49,6 +51,15 @@ def shard_kwargs(module: nn.Module, *, mesh=None, mp_policy=None, offload_policy
     kwargs = {"reshard_after_forward": reshard_after_forward, "mesh": mesh, "mp_policy": mp_policy,
               "offload_policy": offload_policy}  # fmt: skip
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def default_mesh(module: nn.Module):
+    """A 1-D mesh over all ranks on the device type of `module`'s parameters (CPU parameters: a CPU mesh, sharded
+    and gathered over gloo, also on a machine with GPUs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
 
 
 def fsdp_policies(param_dtype: torch.dtype | None, *, cpu_offload: bool = False, pin_memory: bool = False) -> dict:
