@@ -8,6 +8,7 @@
 #     train_step  benchmarks/train_step.py $TRAIN_STEP_ARGS: ours vs transformers + peft + bitsandbytes, 8B shape
 #     multi_gpu   benchmarks/multi_gpu.py $MULTI_GPU_ARGS: FSDP2 on 2 GPUs vs 1, 8B shape
 #     profile     benchmarks/profile_step.py $PROFILE_ARGS: kernel time by category, memory by phase, 8B shape
+#     gate        benchmarks/gpu_gate.py $GATE_ARGS: every user-facing path, PASS/FAIL (run it after every change to src/)
 # Expects bitsandbytes, datasets, dill, multiprocess and trl unpacked under .device/site (see README, "GPU runs").
 set -u
 export PYTHONPATH="$PWD/src:$PWD/.device/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -37,4 +38,7 @@ case " $PARTS " in *" multi_gpu "*)
 esac
 case " $PARTS " in *" profile "*)
     python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(\|USDT" > "$OUT/profile.log"; tail -80 "$OUT/profile.log";;
+esac
+case " $PARTS " in *" gate "*)
+    python3 benchmarks/gpu_gate.py ${GATE_ARGS:-} > "$OUT/gate.log" 2>&1; grep -E "^(PASS|FAIL|NOT RUN|gate:)|x [0-9], torch" "$OUT/gate.log";;
 esac

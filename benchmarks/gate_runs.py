@@ -1,0 +1,210 @@
+"""How the GPU gate runs one path inside a worker process (benchmarks/gpu_gate.py holds the list and the checks).
+
+A path is a dict: {"name", "gpus", "kind", "precision", "options" (TrainConfig fields), "accum" (batches a replica and
+step)}; `run_path(path, ctx)` returns {"losses": [per step], "tokens_per_s", "peak_gb", ...} or raises. `ctx` holds
+the model config, the sequence length, the number of steps, the device, the rank and world size and a scratch
+folder. Kinds:
+    loop     TrainLoop on the random model (FSDP2 over the world when it is 2; a pipeline when options has pp)
+    resume   TrainLoop stopped after half the steps with a checkpoint, then a new TrainLoop resumed to the end
+    trainer  transformers.Trainer, sft: TRL's SFTTrainer; both with shard_for_trainer (QLoRATrainer / QLoRASFTTrainer)
+    cli      `qlora-fsdp train` on the embedded default on this GPU, then `generate` and `export --merge` with its
+             adapter (subprocesses, as a user runs them)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    """n batches of 1 x seq: a random first half, the second half repeating it (labelled): a task LoRA can learn."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        half = torch.randint(0, vocab, (1, seq // 2), generator=g)
+        ids = torch.cat([half, half], 1)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _peak_gb(device: str) -> float:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.startswith("cuda") else float("nan")
+
+
+def _steady_tokens_per_s(records: list[dict]) -> float:
+    """Tokens/s from the second step on (the first compiles and warms up)."""
+    if len(records) < 2:
+        return records[-1]["tokens_per_s"] if records else float("nan")
+    tokens = sum(r["tokens"] for r in records[1:])
+    return tokens / (records[-1]["elapsed_s"] - records[0]["elapsed_s"])
+
+
+def _train_config(path: dict, ctx: dict, out: Path, **extra):
+    from qlora_fsdp.train import TrainConfig
+
+    return TrainConfig(output_dir=str(out), precision=path["precision"], lora_r=16, lora_alpha=32, lr=2e-4,
+                       warmup_steps=2, max_steps=ctx["steps"], grad_accum=path["accum"], batch_size=1,
+                       max_length=ctx["seq"], progress=False, device=ctx["device"], seed=0, nproc=ctx["world"],
+                       **{**path.get("options", {}), **extra})  # fmt: skip
+
+
+def _loop(path: dict, ctx: dict, out: Path, **extra):
+    from qlora_fsdp.batches import FixedBatches
+    from qlora_fsdp.model import random_model
+    from qlora_fsdp.train import TrainLoop
+
+    cfg = _train_config(path, ctx, out, **extra)
+    replicas = ctx["world"] // cfg.pp
+    batches = copy_task_batches(ctx["steps"] * cfg.grad_accum * replicas, ctx["seq"], ctx["config"].vocab_size)
+    model = random_model(ctx["config"], dtype=DTYPES[path["precision"]], device=ctx["device"], seed=0)
+    return TrainLoop(cfg, model=model, train_batches=FixedBatches(batches))
+
+
+def run_loop(path: dict, ctx: dict) -> dict:
+    loop = _loop(path, ctx, ctx["scratch"] / "run")
+    records = [r for r in loop.train() if "loss" in r]
+    return {"losses": [r["loss"] for r in records], "tokens_per_s": _steady_tokens_per_s(records)}
+
+
+def run_resume(path: dict, ctx: dict) -> dict:
+    """Half the steps with a checkpoint at the stop (as if killed there), then a fresh process state resumes."""
+    half = ctx["steps"] // 2
+    out = ctx["scratch"] / "run"
+    first = _loop(path, ctx, out, save_every=half)
+    first.train(stop_at=half)
+    del first
+    second = _loop(path, ctx, out, save_every=half, resume=True)
+    records = [r for r in second.train() if "loss" in r]
+    if records[half - 1]["step"] != half or len(records) != ctx["steps"]:
+        raise RuntimeError(f"resume: expected the {half} saved steps then {ctx['steps'] - half} more, got steps "
+                           f"{[r['step'] for r in records]}")  # fmt: skip
+    return {"losses": [r["loss"] for r in records], "tokens_per_s": _steady_tokens_per_s(records[half:])}
+
+
+def _hf_model(ctx: dict, precision: str):
+    import peft
+
+    from qlora_fsdp.model import random_model
+
+    model = random_model(ctx["config"], dtype=DTYPES[precision], device=ctx["device"], seed=0)
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
+def run_trainer(path: dict, ctx: dict) -> dict:
+    """transformers.Trainer (kind trainer) or trl.SFTTrainer (sft) with shard_for_trainer, batches in order."""
+    import datasets
+    import transformers
+
+    from qlora_fsdp.hf import QLoRASFTTrainer, QLoRATrainer, shard_for_trainer
+
+    common = dict(output_dir=str(ctx["scratch"] / "run"), per_device_train_batch_size=1,
+                  gradient_accumulation_steps=path["accum"], max_steps=ctx["steps"], learning_rate=2e-4,
+                  warmup_steps=2, logging_steps=1, report_to=[], bf16=path["precision"] == "bf16",
+                  fp16=path["precision"] == "fp16", seed=0, save_strategy="no", dataloader_drop_last=True,
+                  use_cpu=ctx["device"] == "cpu")  # fmt: skip
+    if path["kind"] == "sft":
+        import trl
+
+        from qlora_fsdp.data import embedded_dataset
+        from qlora_fsdp.model import embedded_model_dir
+
+        args = trl.SFTConfig(**{**common, "per_device_train_batch_size": 4}, max_length=128)
+        rows = [{"prompt": f"{e['instruction']} {e['input']}\n", "completion": e["output"]}
+                for e in embedded_dataset("train[:64]")]  # fmt: skip
+        data = {"train_dataset": datasets.Dataset.from_list(rows),
+                "processing_class": transformers.AutoTokenizer.from_pretrained(embedded_model_dir())}  # fmt: skip
+        base = QLoRASFTTrainer
+    else:
+        args = transformers.TrainingArguments(**common, remove_unused_columns=False)
+        n = ctx["steps"] * path["accum"] * ctx["world"]
+        rows = [{k: v[0].tolist() for k, v in b.items()} for b in copy_task_batches(n, ctx["seq"], ctx["config"].vocab_size)]
+        data = {"train_dataset": datasets.Dataset.from_list(rows),
+                "data_collator": lambda ex: {k: torch.tensor([e[k] for e in ex]) for k in ("input_ids", "labels")}}  # fmt: skip
+        base = QLoRATrainer
+
+    class InOrder(base):  # the same batches in the same order on 1 and N processes
+        def _get_train_sampler(self, *a, **kw):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    model = _hf_model(ctx, path["precision"])
+    shard_for_trainer(model, args)
+    trainer = InOrder(model=model, args=args, **data)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainer.save_model(str(ctx["scratch"] / "adapter"))
+    if ctx["rank"] == 0 and not (ctx["scratch"] / "adapter" / "adapter_model.safetensors").is_file():
+        raise RuntimeError("save_model wrote no adapter_model.safetensors")
+    tokens = ctx["steps"] * path["accum"] * ctx["world"] * (ctx["seq"] if path["kind"] == "trainer" else 4 * 128)
+    return {"losses": losses, "tokens_per_s": tokens / seconds}
+
+
+def _cli(*args: str, env: dict) -> str:
+    """Run `python -m qlora_fsdp ARGS`; its output, or RuntimeError with the last lines."""
+    proc = subprocess.run([sys.executable, "-m", "qlora_fsdp", *args], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise RuntimeError(f"qlora-fsdp {args[0]} exited {proc.returncode}: {tail}")
+    return proc.stdout
+
+
+def run_cli(path: dict, ctx: dict) -> dict:
+    """The embedded default trained on this GPU by the CLI, then generate and export --merge with its adapter."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    out = ctx["scratch"] / "run"
+    start = time.perf_counter()
+    text = _cli("train", "--precision", path["precision"], "--output-dir", str(out), env=env)
+    seconds = time.perf_counter() - start
+    found = re.search(r"train loss: ([\d.]+) .* -> ([\d.]+)", text)
+    match = re.search(r"held-out exact match .*: (\d+)% .* -> (\d+)%", text)
+    if not found or not match:
+        raise RuntimeError(f"train printed no loss or exact match: {text[-300:]}")
+    answer = _cli("generate", "--adapter", str(out / "adapter"), "--prompt", "Reverse the word: stone", env=env)
+    _cli("export", "--adapter", str(out / "adapter"), "--out", str(ctx["scratch"] / "merged"), "--merge",
+         "--dtype", path["precision"], env=env)  # fmt: skip
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(ctx["scratch"] / "merged")
+    logits = merged(input_ids=torch.tensor([[1, 5, 9]])).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError("the merged checkpoint gives non-finite logits")
+    return {"losses": [float(found.group(1)), float(found.group(2))], "tokens_per_s": float("nan"),
+            "note": f"exact match {match.group(1)}% -> {match.group(2)}%, generate: {answer.strip()[:20]!r}, "
+                    f"export --merge loads ({seconds:.0f} s train)"}  # fmt: skip
+
+
+RUNNERS = {"loop": run_loop, "resume": run_resume, "trainer": run_trainer, "sft": run_trainer, "cli": run_cli}
+
+
+def run_path(path: dict, ctx: dict) -> dict:
+    """One path on this worker: the runner's result plus this rank's peak GPU memory; raises on failure."""
+    import gc
+
+    import torch._dynamo
+
+    torch._dynamo.reset()  # every path compiles afresh (Dynamo's recompile limit counts per code object)
+    if ctx["device"].startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(ctx["device"])
+    result = RUNNERS[path["kind"]](path, ctx)
+    result["peak_gb"] = _peak_gb(ctx["device"])
+    if not result["losses"] or not all(math.isfinite(x) for x in result["losses"]):
+        raise RuntimeError(f"non-finite or missing losses: {result['losses']}")
+    gc.collect()
+    return result

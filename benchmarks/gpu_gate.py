@@ -1,0 +1,330 @@
+"""The GPU gate: every user-facing path on GPUs, one PASS/FAIL line each, in one command.
+
+    python benchmarks/gpu_gate.py [--layers 4] [--seq 2048] [--steps 6] [--only REGEX] [--config llama-3.1-8b|tiny]
+
+The model has the Llama-3.1-8B layer widths (hidden 4,096, MLP 14,336, 32 / 8 heads, vocabulary 128,256: every
+kernel runs at its real size) with --layers decoder layers of random NF4 weights; LoRA r=16 on all 7 projections;
+batches of 1 x --seq tokens of a copy task (gate_runs.py). Paths:
+    1 GPU      every README recipe in bf16 and fp16 (default, --compile, --chunked-loss, fastest, leanest,
+               --mlp-chunk-tokens, --ac-keep-layers), resume, the CLI (train, generate, export --merge on the GPU),
+               and the references of the 2-GPU paths (fp32, 4 batches a step, Trainer, SFTTrainer)
+    2 GPUs     --nproc 2: bf16, fp16 and fp32 (FSDP2 mixed precision), CPU offload, checkpointing, 2-step
+               accumulation, compile + chunked loss + checkpointing, Trainer and SFTTrainer with shard_for_trainer;
+               --nproc 2 --pp 2: every schedule, and 1F1B with --compile
+Checks: every loss finite; where a path promises equality, its per-step losses against its reference's: 2 GPUs vs 1
+(same global batch) over the first 5 steps within 1e-3 relative in bf16 / fp16 and 1e-4 in fp32, the pipeline
+schedules within 1e-3, resume against the uninterrupted run, compiled against eager on the first step within 1e-2.
+
+The 1-GPU paths are spread over the GPUs (one worker process each); the 2-GPU paths run in one pair of ranks. A
+path that raises, or runs past --path-timeout, is FAIL; its worker is restarted for the paths after it. On a
+machine with one GPU the 2-GPU paths are listed as not run. Prints one line per path, then "gate: N/M passed", and
+appends the rows to benchmarks/results.jsonl ($QLORA_RESULTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import append_results, environment  # noqa: E402
+
+LEAN = {"compile": True, "chunked_loss": True, "activation_checkpointing": True, "offload_activations": True,
+        "embedding_on_cpu": True}  # fmt: skip
+RECIPES = {  # the README's one-GPU command lines
+    "default": {},
+    "compile": {"compile": True},
+    "chunked-loss": {"chunked_loss": True},
+    "fastest": {"compile": True, "chunked_loss": True, "keep_dequantized": True},
+    "leanest": LEAN,
+    "mlp-chunks": {**LEAN, "mlp_chunk_tokens": 512},
+    "ac-keep-layers": {"activation_checkpointing": True, "ac_keep_layers": 1},
+}
+TOL = {"bf16": 1e-3, "fp16": 1e-3, "fp32": 1e-4}
+COMPILED_FIRST_STEP = 1e-2
+
+
+def gate_paths() -> list[dict]:
+    """Every path: name, gpus, kind, precision, options, accum; ref / tol / steps (compared) where it promises
+    equality with another path's losses."""
+    paths = []
+
+    def add(name, gpus=1, kind="loop", precision="bf16", accum=2, ref=None, tol=None, steps=5, **options):
+        paths.append({"name": name, "gpus": gpus, "kind": kind, "precision": precision, "accum": accum,
+                      "options": options, "ref": ref, "tol": tol, "steps": steps})  # fmt: skip
+
+    for prec in ("bf16", "fp16"):
+        base = f"1gpu/default/{prec}"
+        for recipe, options in RECIPES.items():
+            compiled = options.get("compile", False)
+            ref = None if recipe == "default" else base
+            add(f"1gpu/{recipe}/{prec}", precision=prec, ref=ref, tol=COMPILED_FIRST_STEP if compiled else TOL[prec],
+                steps=1 if compiled else 5, **options)  # fmt: skip
+    add("1gpu/default/fp32", precision="fp32")
+    add("1gpu/accum4/bf16", accum=4)
+    add("1gpu/resume/bf16", kind="resume", ref="1gpu/default/bf16", tol=TOL["bf16"], steps=6)
+    add("1gpu/trainer/bf16", kind="trainer")
+    add("1gpu/sft/bf16", kind="sft")
+    add("1gpu/cli-train-generate-export/bf16", kind="cli")
+    for prec in ("bf16", "fp16", "fp32"):
+        add(f"2gpu/default/{prec}", gpus=2, precision=prec, accum=1, ref=f"1gpu/default/{prec}", tol=TOL[prec])
+    two = {"gpus": 2, "accum": 1, "ref": "1gpu/default/bf16", "tol": TOL["bf16"]}
+    add("2gpu/cpu-offload/bf16", cpu_offload=True, **two)
+    add("2gpu/checkpointing/bf16", activation_checkpointing=True, **two)
+    add("2gpu/accum2/bf16", **{**two, "accum": 2, "ref": "1gpu/accum4/bf16"})
+    add("2gpu/compile-chunked-ac/bf16", compile=True, chunked_loss=True, activation_checkpointing=True,
+        **{**two, "tol": COMPILED_FIRST_STEP, "steps": 1})  # fmt: skip
+    add("2gpu/trainer/bf16", kind="trainer", **{**two, "ref": "1gpu/trainer/bf16"})
+    add("2gpu/sft/bf16", kind="sft", **{**two, "ref": "1gpu/sft/bf16"})
+    pp = {"gpus": 2, "accum": 4, "ref": "1gpu/accum4/bf16", "tol": TOL["bf16"], "pp": 2}
+    for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv"):
+        add(f"pp2/{schedule}/bf16", pp_schedule=schedule, **pp)
+    add("pp2/1f1b-compile/bf16", pp_schedule="1f1b", compile=True, **{**pp, "tol": COMPILED_FIRST_STEP, "steps": 1})
+    return paths
+
+
+def model_config(name: str, layers: int):
+    import transformers
+
+    from qlora_fsdp.parallel.memory import llama_3_1_8b_config
+
+    if name == "tiny":  # a CPU smoke test of the script (gloo): every shape divisible for 2-way NF4 sharding
+        return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                        num_key_value_heads=2, num_hidden_layers=layers)  # fmt: skip
+    config = llama_3_1_8b_config()
+    config.num_hidden_layers = layers
+    return config
+
+
+# -- workers --------------------------------------------------------------------------------------------------------
+def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args: dict, out: str) -> None:
+    """Run `paths` in order on this rank; write <index>.started and <index>-rank<r>.json per path. Exit 1 at the first
+    failure (the parent restarts the worker for the rest)."""
+    from gate_runs import run_path
+
+    out = Path(out)
+    if world == 1 and not args["cpu"]:  # before CUDA starts: one process sees one GPU (a Trainer would otherwise
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # spread over all of them with nn.DataParallel)
+        gpu = 0
+    on_gpu = torch.cuda.is_available() and not args["cpu"]
+    if on_gpu:
+        torch.cuda.set_device(gpu + rank)
+    device = f"cuda:{gpu + rank}" if on_gpu else "cpu"
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))  # fmt: skip
+        dist.init_process_group("cuda:nccl,cpu:gloo" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=300))
+    ctx = {"config": model_config(args["config"], args["layers"]), "seq": args["seq"], "steps": args["steps"],
+           "device": device, "rank": rank, "world": world}  # fmt: skip
+    for path in paths:
+        idx = path["index"]
+        (out / f"{idx}.started").write_text(str(time.time()))
+        ctx["scratch"] = Path(tempfile.mkdtemp(prefix=f"gate{idx}-"))
+        start = time.perf_counter()
+        try:
+            result = {"status": "ok", **run_path(path, ctx)}
+        except BaseException as e:  # noqa: BLE001 - report everything, then exit for a fresh process
+            lines = [ln for ln in traceback.format_exception_only(type(e), e)[-1].strip().splitlines() if ln.strip()]
+            result = {"status": "error", "error": lines[-1][:400] if lines else type(e).__name__,
+                      "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+        result["seconds"] = time.perf_counter() - start
+        (out / f"{idx}-rank{rank}.json").write_text(json.dumps(result))
+        if result["status"] != "ok":
+            print(f"[gate] {path['name']} rank {rank}: {result['traceback']}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerGroup:
+    """`world` processes (ranks) on GPUs gpu..gpu+world-1 running a list of paths; restarted after a failure."""
+
+    def __init__(self, world: int, gpu: int, paths: list[dict], args: dict, out: Path, timeout: float):
+        self.world, self.gpu, self.todo, self.args, self.out, self.timeout = world, gpu, list(paths), args, out, timeout
+        self.procs: list = []
+        self.restarts = 0  # restarts in a row that ran nothing
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.procs = [ctx.Process(target=_worker, args=(r, self.world, port, self.gpu, self.todo, self.args, str(self.out)))
+                      for r in range(self.world)]  # fmt: skip
+        for p in self.procs:
+            p.start()
+
+    def _done(self, path: dict) -> bool:
+        return all((self.out / f"{path['index']}-rank{r}.json").is_file() for r in range(self.world))
+
+    def poll(self) -> bool:
+        """Advance; False once every path has a result."""
+        while self.todo and self._done(self.todo[0]):
+            self._report(self.todo.pop(0))
+        if not self.todo:
+            self._stop()
+            return False
+        head = self.todo[0]
+        started = self.out / f"{head['index']}.started"
+        late = started.is_file() and time.time() - float(started.read_text() or 0) > self.timeout
+        dead = all(p.exitcode is not None for p in self.procs) or any(p.exitcode not in (None, 0) for p in self.procs)
+        if late or dead:
+            self._stop()
+            self.restarts = 0 if started.is_file() else self.restarts + 1
+            if started.is_file() or self.restarts > 2:  # the path it was running fails (one not yet started runs in
+                for r in range(self.world):  # the new workers, unless they keep dying before it): what a rank did
+                    f = self.out / f"{head['index']}-rank{r}.json"  # not write itself
+                    if not f.is_file():
+                        why = (f"timed out after {self.timeout:.0f} s" if late else "its worker died (another rank "
+                               "failed?)" if started.is_file() else "its workers died before starting it")  # fmt: skip
+                        f.write_text(json.dumps({"status": "error", "error": why}))
+                self._report(self.todo.pop(0))
+            if self.todo:
+                self._start()
+        return bool(self.todo)
+
+    def _report(self, path: dict) -> None:
+        """A progress line as each path ends (what a run cut short still shows)."""
+        r = merge(path, self.out, self.world)
+        print(f"[gate] {path['name']}: {r['status']} in {r.get('seconds', float('nan')):.0f} s "
+              f"{r.get('error', '')}".rstrip(), flush=True)  # fmt: skip
+
+    def _stop(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+def run_groups(groups: list[WorkerGroup]) -> None:
+    while any([g.poll() for g in groups]):
+        time.sleep(0.5)
+
+
+# -- the checks and the report --------------------------------------------------------------------------------------
+def max_rel_diff(a: list[float], b: list[float], steps: int) -> float:
+    n = min(steps, len(a), len(b))
+    if n == 0:
+        return float("inf")
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[:n], b[:n]))
+
+
+def verdict(path: dict, results: dict) -> tuple[bool, str]:
+    """(passed, the check's words) of one path from all results (rank 0's losses; peaks over ranks)."""
+    r = results[path["name"]]
+    if r["status"] != "ok":
+        return False, r["error"]
+    if path["ref"] is None:
+        return True, ""
+    ref = results.get(path["ref"])
+    if ref is None or ref["status"] != "ok":
+        return False, f"reference {path['ref']} did not run"
+    diff = max_rel_diff(r["losses"], ref["losses"], path["steps"])
+    ok = diff <= path["tol"]
+    return ok, f"vs {path['ref']} ({path['steps']} step{'s' * (path['steps'] > 1)}): max rel {diff:.1e} {'<=' if ok else '>'} {path['tol']:.0e}"
+
+
+def merge(path: dict, out: Path, world: int) -> dict:
+    ranks = []
+    for r in range(world):
+        f = out / f"{path['index']}-rank{r}.json"
+        ranks.append(json.loads(f.read_text()) if f.is_file() else {"status": "error", "error": "no result"})
+    bad = next((x for x in ranks if x["status"] != "ok"), None)
+    if bad is not None:
+        return {"status": "error", "error": bad.get("error", "failed")}
+    first = ranks[0]
+    return {**first, "peak_gb": max(x.get("peak_gb", float("nan")) for x in ranks)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--only", default="", help="run the paths whose names match this regular expression (and their refs)")
+    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--cpu", action="store_true", help="a smoke test of the script on CPU processes (gloo)")
+    p.add_argument("--path-timeout", type=float, default=240.0)
+    args = p.parse_args()
+    gpus = torch.cuda.device_count() if not args.cpu else 2
+    paths = gate_paths()
+    for i, path in enumerate(paths):
+        path["index"] = i
+    if args.only:
+        wanted = {x["name"] for x in paths if re.search(args.only, x["name"])}
+        wanted |= {x["ref"] for x in paths if x["name"] in wanted and x["ref"]}
+        paths = [x for x in paths if x["name"] in wanted]
+    elif args.cpu:  # what runs fast on CPU processes
+        paths = [x for x in paths if x["kind"] in ("loop", "resume") and not x["options"].get("compile")
+                 and x["precision"] != "fp16"]  # fmt: skip
+    runnable = [x for x in paths if x["gpus"] <= gpus]
+    out = Path(tempfile.mkdtemp(prefix="gpu_gate-"))
+    wargs = {"config": args.config, "layers": args.layers, "seq": args.seq, "steps": args.steps, "cpu": args.cpu}
+    start = time.perf_counter()
+    one = [x for x in runnable if x["gpus"] == 1]
+    workers = max(1, min(gpus, 2, len(one)))
+    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] == "cli" else 1  # noqa: E731
+    shares: list[list[dict]] = [[] for _ in range(workers)]
+    for x in sorted(one, key=weight, reverse=True):  # heaviest first onto the lightest worker
+        min(shares, key=lambda s: sum(map(weight, s))).append(x)
+    run_groups([WorkerGroup(1, g, sorted(s, key=lambda x: x["index"]), wargs, out, args.path_timeout)
+                for g, s in enumerate(shares) if s])  # fmt: skip
+    two = [x for x in runnable if x["gpus"] == 2]
+    if two:
+        run_groups([WorkerGroup(2, 0, two, wargs, out, args.path_timeout)])
+    seconds = time.perf_counter() - start
+
+    results = {x["name"]: merge(x, out, x["gpus"]) for x in runnable}
+    env = {**environment(), "gpus": gpus, "bench": "gpu_gate", "layers": args.layers, "seq": args.seq,
+           "config": args.config}  # fmt: skip
+    rows, passed = [], 0
+    print(f"\n{env['gpu']} x {gpus}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
+          f"Llama-3.1-8B widths, {args.layers} layers, 1 x {args.seq} a batch, {args.steps} steps, r=16")  # fmt: skip
+    for path in paths:
+        if path["gpus"] > gpus:
+            print(f"NOT RUN {path['name']:<40} needs {path['gpus']} GPUs")
+            continue
+        ok, check = verdict(path, results)
+        passed += ok
+        r = results[path["name"]]
+        losses = r.get("losses") or [float("nan")]
+        print(f"{'PASS' if ok else 'FAIL'}  {path['name']:<40} loss {losses[0]:7.4f} -> {losses[-1]:7.4f}  "
+              f"{r.get('tokens_per_s', float('nan')):>8,.0f} tok/s  {r.get('peak_gb', float('nan')):6.1f} GB  "
+              f"{r.get('seconds', float('nan')):5.0f} s  {check} {r.get('note', '')}".rstrip(), flush=True)  # fmt: skip
+        rows.append({**env, "path": path["name"], "passed": ok, "check": check, "losses": r.get("losses"),
+                     "tokens_per_s": r.get("tokens_per_s"), "peak_gb": r.get("peak_gb"), "seconds": r.get("seconds")})  # fmt: skip
+    not_run = len(paths) - len(runnable)
+    summary = f"gate: {passed}/{len(runnable)} passed" + (f", {not_run} not run (need more GPUs)" if not_run else "")
+    print(f"{summary} in {seconds:.0f} s")
+    append_results([*rows, {**env, "summary": summary, "seconds": seconds}])
+    return 0 if passed == len(runnable) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
