@@ -165,11 +165,12 @@ def _cli(*args: str, env: dict) -> str:
 
 
 def run_cli(path: dict, ctx: dict) -> dict:
-    """The embedded default trained on this GPU by the CLI, then generate and export --merge with its adapter."""
+    """The embedded default trained on this GPU by the CLI (120 of its 300 steps), then generate and export --merge
+    with its adapter."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     out = ctx["scratch"] / "run"
     start = time.perf_counter()
-    text = _cli("train", "--precision", path["precision"], "--output-dir", str(out), env=env)
+    text = _cli("train", "--precision", path["precision"], "--output-dir", str(out), "--max-steps", "120", env=env)
     seconds = time.perf_counter() - start
     found = re.search(r"train loss: ([\d.]+) .* -> ([\d.]+)", text)
     match = re.search(r"held-out exact match .*: (\d+)% .* -> (\d+)%", text)

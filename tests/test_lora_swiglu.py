@@ -180,3 +180,21 @@ def test_a_rank_the_gpu_cannot_fit_takes_the_unfused_path(monkeypatch):
         loss = model(input_ids=ids, labels=ids).loss
         assert len(calls) == (2 * 6 if fused else 0), (r, len(calls))  # a layer: its MLP, 4 attention projections, down
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_rank_check_traces_into_a_full_graph(monkeypatch):
+    """The rank check runs inside compiled layers (fullgraph) on a GPU's tensors: it traces without a break, and it
+    keeps no cache (seen on an H200: a capability cache that the op's fake run filled while Dynamo traced the layer
+    made Dynamo's second pass take another branch, 'SpeculationLog diverged')."""
+    import types
+
+    t4 = types.SimpleNamespace(major=7, minor=5, name="Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: t4)  # a T4 as device 0
+    gpu = torch.device("cuda", 0)
+    torch._dynamo.reset()
+    try:
+        fits = torch.compile(lambda x, r: x * rank_product.fused_rank_fits(r, x.dtype, gpu), fullgraph=True,
+                             backend="eager")  # fmt: skip
+        assert fits(torch.ones(2), 32).sum() == 2 and fits(torch.ones(2), 64).sum() == 0  # fp32 on a T4: up to 32
+    finally:
+        torch._dynamo.reset()

@@ -90,8 +90,6 @@ SHARED_PER_BLOCK = {(7, 5): 65_536, (8, 0): 166_912, (8, 6): 101_376, (8, 7): 16
                     (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (12, 0): 101_376}  # fmt: skip
 # ^ the most shared memory a block can opt in to, per compute capability (CUDA C++ Programming Guide, technical
 # specifications); a capability not listed takes the nearest listed one below it (the lowest: sm75)
-_MAX_RANKS: dict = {}  # (dtype, capability) -> max_fused_rank
-_CAPABILITIES: dict = {}  # CUDA device index -> (major, minor)
 
 
 def padded_rank(r: int) -> int:
@@ -120,13 +118,10 @@ def max_fused_rank(dtype: torch.dtype, capability: tuple[int, int]) -> int:
     """The largest LoRA rank whose fused-kernel tiles fit a block's shared memory on a GPU of compute capability
     (major, minor): a power of two (ranks pad to one). 16-bit: 128 on sm75, sm86, sm89, sm120; 256 on sm80, sm90,
     sm100. fp32: 32 on sm75; 64 on sm86, sm89, sm120; 128 on sm80, sm90, sm100."""
-    key = (dtype, tuple(capability))
-    if key not in _MAX_RANKS:
-        limit, rp = shared_memory_per_block(capability), 16
-        while fused_shared_bytes(2 * rp, dtype, capability) <= limit:
-            rp *= 2
-        _MAX_RANKS[key] = rp
-    return _MAX_RANKS[key]
+    limit, rp = shared_memory_per_block(capability), 16
+    while fused_shared_bytes(2 * rp, dtype, capability) <= limit:
+        rp *= 2
+    return rp
 
 
 def check_fused_rank_for(r: int, dtype: torch.dtype, capability: tuple[int, int]) -> None:
@@ -141,14 +136,13 @@ def check_fused_rank_for(r: int, dtype: torch.dtype, capability: tuple[int, int]
 
 
 def cuda_capability(device: torch.device | str) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device (read once per device); None for any other device."""
+    """(major, minor) of a CUDA device; None for any other device. No cache of its own: compiled layers call it, and
+    Dynamo must see the same answer on every pass of its analysis."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _CAPABILITIES:
-        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITIES[index]
+    props = torch.cuda.get_device_properties(device)  # constant-folded by Dynamo (get_device_capability is not)
+    return props.major, props.minor
 
 
 def check_fused_rank(r: int, dtype: torch.dtype, device: torch.device | str) -> None:
