@@ -15,9 +15,10 @@ Checks: every loss finite; where a path promises equality, its per-step losses a
 (same global batch) over the first 5 steps within 1e-3 relative in bf16 / fp16 and 1e-4 in fp32, the pipeline
 schedules within 1e-3, resume against the uninterrupted run, compiled against eager on the first step within 1e-2.
 
-The 1-GPU paths are spread over the GPUs (one worker process each); the 2-GPU paths run in one pair of ranks. A
-path that raises, or runs past --path-timeout, is FAIL; its worker is restarted for the paths after it. On a
-machine with one GPU the 2-GPU paths are listed as not run. Prints one line per path, then "gate: N/M passed", and
+The 1-GPU paths are spread over the GPUs (one worker process each); the 2-GPU paths run in one pair of ranks beside
+them, on the same GPUs (--phases: after them, so that tokens/s are a GPU's alone). A path that raises, or runs past
+--path-timeout, is FAIL; its worker is restarted for the paths after it. On a machine with one GPU the 2-GPU paths
+are listed as not run. Prints one line per path, then "gate: N/M passed", and
 appends the rows to benchmarks/results.jsonl ($QLORA_RESULTS).
 """
 
@@ -212,7 +213,7 @@ class WorkerGroup:
     def _report(self, path: dict) -> None:
         """A progress line as each path ends (what a run cut short still shows)."""
         r = merge(path, self.out, self.world)
-        print(f"[gate] {path['name']}: {r['status']} in {r.get('seconds', float('nan')):.0f} s "
+        print(f"\n[gate] {path['name']}: {r['status']} in {r.get('seconds', float('nan')):.0f} s "
               f"{r.get('error', '')}".rstrip(), flush=True)  # fmt: skip
 
     def _stop(self) -> None:
@@ -271,6 +272,8 @@ def main() -> int:
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--cpu", action="store_true", help="a smoke test of the script on CPU processes (gloo)")
     p.add_argument("--path-timeout", type=float, default=240.0)
+    p.add_argument("--phases", action="store_true", help="the 2-GPU paths after the 1-GPU ones (tokens/s of a GPU "
+                   "alone; about 9 minutes on 2 H200s instead of 5-6)")  # fmt: skip
     args = p.parse_args()
     gpus = torch.cuda.device_count() if not args.cpu else 2
     paths = gate_paths()
@@ -293,11 +296,15 @@ def main() -> int:
     shares: list[list[dict]] = [[] for _ in range(workers)]
     for x in sorted(one, key=weight, reverse=True):  # heaviest first onto the lightest worker
         min(shares, key=lambda s: sum(map(weight, s))).append(x)
-    run_groups([WorkerGroup(1, g, sorted(s, key=lambda x: x["index"]), wargs, out, args.path_timeout)
-                for g, s in enumerate(shares) if s])  # fmt: skip
+    groups = [WorkerGroup(1, g, sorted(s, key=lambda x: x["index"]), wargs, out, args.path_timeout)
+              for g, s in enumerate(shares) if s]  # fmt: skip
     two = [x for x in runnable if x["gpus"] == 2]
-    if two:
-        run_groups([WorkerGroup(2, 0, two, wargs, out, args.path_timeout)])
+    if two and args.phases:  # the 2-GPU paths after the 1-GPU ones: no path shares a GPU with another
+        run_groups(groups)
+        groups = []
+    if two:  # by default beside the 1-GPU workers, on the same GPUs: each path's losses and peak memory are its own,
+        groups.append(WorkerGroup(2, 0, two, wargs, out, args.path_timeout))  # its tokens/s shares the GPU
+    run_groups(groups)
     seconds = time.perf_counter() - start
 
     results = {x["name"]: merge(x, out, x["gpus"]) for x in runnable}

@@ -39,7 +39,9 @@ def test_peft_loads_adapter_onto_dequantized_16bit_model(trained, tmp_path):
         ours = loop.model.eval()(input_ids=ids).logits
         ref = theirs(input_ids=ids).logits
     assert any(p.abs().sum() > 0 for n, p in theirs.named_parameters() if "lora_B" in n)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # fp32 rounding only: our LoRA terms add the rank product to the base output in one sum (lora_add / lora_swiglu's
+    # references on CPU), peft rounds the product first; through 4 layers that moves logits by up to ~3e-5
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_export_merge_and_generate(trained, tmp_path, capsys):

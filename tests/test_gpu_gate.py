@@ -1,0 +1,52 @@
+"""benchmarks/gpu_gate.py off the GPU: its path list covers what the gate promises, its checks fail where they should,
+and a run of a few paths on CPU processes (gloo: 2 ranks, a zero-bubble pipeline, resume) passes them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_gate  # noqa: E402
+
+
+def test_the_paths_cover_every_recipe_schedule_and_reference():
+    paths = gpu_gate.gate_paths()
+    names = [p["name"] for p in paths]
+    assert len(names) == len(set(names))
+    assert all(p["ref"] in names for p in paths if p["ref"]), "a reference that is not a path"
+    for recipe in ("default", "compile", "chunked-loss", "fastest", "leanest", "mlp-chunks", "ac-keep-layers"):
+        assert {f"1gpu/{recipe}/bf16", f"1gpu/{recipe}/fp16"} <= set(names), recipe
+    for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv", "1f1b-compile"):
+        assert f"pp2/{schedule}/bf16" in names
+    two = {p["name"] for p in paths if p["gpus"] == 2}
+    assert {"2gpu/cpu-offload/bf16", "2gpu/compile-chunked-ac/bf16", "2gpu/trainer/bf16", "2gpu/sft/bf16"} <= two
+    assert {p["tol"] for p in paths if p["ref"] and p["name"].endswith("fp32")} == {1e-4}
+
+
+def test_a_loss_off_its_reference_fails():
+    path = {"name": "2gpu/default/bf16", "ref": "1gpu/default/bf16", "tol": 1e-3, "steps": 5}
+    ref = {"status": "ok", "losses": [2.0, 1.9, 1.8, 1.7, 1.6, 1.5]}
+    close = {"status": "ok", "losses": [2.0, 1.9, 1.8001, 1.7, 1.6, 9.0]}  # the 6th step is not compared
+    far = {"status": "ok", "losses": [2.0, 1.9, 1.81, 1.7, 1.6, 1.5]}
+    assert gpu_gate.verdict(path, {path["name"]: close, path["ref"]: ref})[0]
+    assert not gpu_gate.verdict(path, {path["name"]: far, path["ref"]: ref})[0]
+    assert not gpu_gate.verdict(path, {path["name"]: close, path["ref"]: {"status": "error", "error": "x"}})[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_cpu_run_passes_its_checks(tmp_path):
+    only = "^(2gpu/default/bf16|pp2/zbv/bf16|1gpu/resume/bf16)$"  # and their references
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--config", "tiny",
+                           "--layers", "4", "--seq", "64", "--steps", "3", "--only", only], capture_output=True,
+                          text=True, env={**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}, timeout=280)  # fmt: skip
+    assert proc.returncode == 0 and "gate: 5/5 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["path"] for r in rows if "path" in r} == {"1gpu/default/bf16", "1gpu/accum4/bf16", "1gpu/resume/bf16",
+                                                        "2gpu/default/bf16", "pp2/zbv/bf16"}  # fmt: skip
+    assert all(r["passed"] for r in rows if "path" in r)
