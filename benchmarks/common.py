@@ -98,3 +98,16 @@ def copy_bandwidth_tbs(nbytes: int = 2 << 30, iters: int = 20) -> float:
         times.append(a.elapsed_time(b) * 1e-3)
     times.sort()
     return 2 * nbytes / times[len(times) // 2] / 1e12
+
+
+def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    """n batches of 1 x seq: a random first half, the second half repeating it (labelled): a task LoRA can learn."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        half = torch.randint(0, vocab, (1, seq // 2), generator=g)
+        ids = torch.cat([half, half], 1)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out

@@ -22,21 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import copy_task_batches
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
-    """n batches of 1 x seq: a random first half, the second half repeating it (labelled): a task LoRA can learn."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        half = torch.randint(0, vocab, (1, seq // 2), generator=g)
-        ids = torch.cat([half, half], 1)
-        labels = ids.clone()
-        labels[:, : seq // 2] = -100
-        out.append({"input_ids": ids, "labels": labels})
-    return out
 
 
 def _peak_gb(device: str) -> float:

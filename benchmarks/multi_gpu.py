@@ -31,20 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, environment  # noqa: E402
-
-
-def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Batches of 1 x seq: a random first half, the second half repeating it (labelled): a task LoRA can learn."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        half = torch.randint(0, vocab, (1, seq // 2), generator=g)
-        ids = torch.cat([half, half], 1)
-        labels = ids.clone()
-        labels[:, : seq // 2] = -100
-        out.append({"input_ids": ids, "labels": labels})
-    return out
+from common import append_results, copy_task_batches, environment  # noqa: E402
 
 
 def model_config(name: str):
