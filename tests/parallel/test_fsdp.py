@@ -65,6 +65,8 @@ def _worker(rank, world, port, out, options):
         w = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         local = w.to_local()
         assert isinstance(local, NF4Tensor) and local.shape[0] == w.shape[0] // world, (local.shape, w.shape)
+        # the mesh follows the model's device (fully_shard's own default mesh is the GPU's on a machine with one)
+        assert w.device_mesh.device_type == torch.device(device).type, w.device_mesh
         shard_bytes = local.nf4.data.numel() + local.nf4.absmax.numel()
         assert local.nf4.data.device.type == ("cpu" if options.get("cpu_offload") or not ON_GPUS else "cuda")
         records = loop.train()
