@@ -138,8 +138,9 @@ def run_trainer(path: dict, ctx: dict) -> dict:
     trainer.save_model(str(ctx["scratch"] / "adapter"))
     if ctx["rank"] == 0 and not (ctx["scratch"] / "adapter" / "adapter_model.safetensors").is_file():
         raise RuntimeError("save_model wrote no adapter_model.safetensors")
-    tokens = ctx["steps"] * path["accum"] * ctx["world"] * (ctx["seq"] if path["kind"] == "trainer" else 4 * 128)
-    return {"losses": losses, "tokens_per_s": tokens / seconds}
+    if path["kind"] == "sft":  # its rows are padded to their batch's longest, not counted here: no rate to report
+        return {"losses": losses, "tokens_per_s": float("nan")}
+    return {"losses": losses, "tokens_per_s": ctx["steps"] * path["accum"] * ctx["world"] * ctx["seq"] / seconds}
 
 
 def _cli(*args: str, env: dict) -> str:

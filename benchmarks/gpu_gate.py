@@ -141,8 +141,8 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
         try:
             result = {"status": "ok", **run_path(path, ctx)}
         except BaseException as e:  # noqa: BLE001 - report everything, then exit for a fresh process
-            lines = [ln for ln in traceback.format_exception_only(type(e), e)[-1].strip().splitlines() if ln.strip()]
-            result = {"status": "error", "error": lines[-1][:400] if lines else type(e).__name__,
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")  # the message's first line:
+            result = {"status": "error", "error": f"{type(e).__name__}: {first}"[:400],  # Dynamo's last is boilerplate
                       "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
         result["seconds"] = time.perf_counter() - start
         (out / f"{idx}-rank{rank}.json").write_text(json.dumps(result))
