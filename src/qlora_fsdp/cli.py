@@ -196,7 +196,10 @@ class _ProcessGroup:
         import torch
         import torch.distributed as dist
 
+        from .parallel.cpu_threads import share_cpu_cores
+
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        share_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
         gpus = _on_gpus(self.cfg)
         if gpus:
             if not dist.is_nccl_available():

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from qlora_fsdp.model import load_model
 from qlora_fsdp.nf4.tensor import NF4Tensor
+from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from qlora_fsdp.train import TrainConfig, TrainLoop
 from tests.test_train import ListBatches, collate, synthetic_examples
 
@@ -47,6 +48,7 @@ def _join(rank: int, world: int, port: int) -> str:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    share_cpu_cores(world)
     if ON_GPUS:
         torch.cuda.set_device(rank)
     dist.init_process_group("cuda:nccl,cpu:gloo" if ON_GPUS else "gloo", rank=rank, world_size=world)
@@ -317,3 +319,19 @@ def test_cli_nproc_more_than_gpus_and_missing_nccl_are_one_line_errors(monkeypat
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
     assert main(["train", "--max-steps", "1"]) == 2
     assert "NCCL is not available in this torch build" in capsys.readouterr().err
+
+
+def test_ranks_share_the_host_cores_unless_omp_num_threads_is_set(monkeypatch):
+    import qlora_fsdp.parallel.cpu_threads as cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu_threads, "host_cores", lambda: 8)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cpu_threads.share_cpu_cores(4) == 2
+        assert cpu_threads.share_cpu_cores(16) == 1  # more ranks than cores: one thread each
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert cpu_threads.share_cpu_cores(4) == 3  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)

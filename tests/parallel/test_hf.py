@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from tests.parallel.test_fsdp import free_port, tiny_llama
 from tests.test_train import SequentialTrainerMixin, collate, hf_args, synthetic_examples
 
@@ -51,6 +52,7 @@ def make_trainer(kind, out, model_dir, world, **kw):
 def _worker(rank, port, out, kind):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))  # fmt: skip
+    share_cpu_cores(WORLD)
     try:
         trainer = make_trainer(kind, out / "sharded", out / "model", WORLD, save_strategy="steps", save_steps=2)
         local = trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.to_local()

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from qlora_fsdp.compile import token_loss_sum
 from qlora_fsdp.lora_swiglu import patch_lora_swiglu
 from qlora_fsdp.model import load_model
+from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from qlora_fsdp.train import TrainConfig, add_lora, seed_everything
 from tests.parallel.test_fsdp import free_port
 from tests.test_train import ListBatches, collate, synthetic_examples
@@ -78,6 +79,7 @@ def _worker(rank, world, port, out, model_dir, schedules):
     from qlora_fsdp.parallel.pipeline import build_pipeline
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    share_cpu_cores(world)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dp = world // PP
     mesh = init_device_mesh("cpu", (PP, dp), mesh_dim_names=("pp", "dp")) if dp > 1 else None
@@ -221,6 +223,7 @@ def _loop_worker(rank, world, port, out, options):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    share_cpu_cores(world)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         loop = make_loop(out / "pp", out / "model", nproc=world, **options)
