@@ -4,8 +4,8 @@ A path is a dict: {"name", "gpus", "kind", "precision", "options" (TrainConfig f
 step)}; `run_path(path, ctx)` returns {"losses": [per step], "tokens_per_s", "peak_gb", ...} or raises. `ctx` holds
 the model config, the sequence length, the number of steps, the device, the rank and world size and a scratch
 folder. Kinds:
-    loop     TrainLoop on the random model (FSDP2 over the world when it is 2; a pipeline when options has pp)
-    resume   TrainLoop stopped after half the steps with a checkpoint, then a new TrainLoop resumed to the end
+    loop     make_loop on the random model (FSDP2 over the world when it is 2; a pipeline when options has pp)
+    resume   a loop stopped after half the steps with a checkpoint, then a new loop resumed to the end
     trainer  transformers.Trainer, sft: TRL's SFTTrainer; both with shard_for_trainer (QLoRATrainer / QLoRASFTTrainer)
     cli      `qlora-fsdp train` on the embedded default on this GPU, then `generate` and `export --merge` with its
              adapter (subprocesses, as a user runs them)
@@ -40,7 +40,7 @@ def _steady_tokens_per_s(records: list[dict]) -> float:
 
 
 def _train_config(path: dict, ctx: dict, out: Path, **extra):
-    from qlora_fsdp.train import TrainConfig
+    from qlora_fsdp.training import TrainConfig
 
     return TrainConfig(output_dir=str(out), precision=path["precision"], lora_r=16, lora_alpha=32, lr=2e-4,
                        warmup_steps=2, max_steps=ctx["steps"], grad_accum=path["accum"], batch_size=1,
@@ -49,15 +49,15 @@ def _train_config(path: dict, ctx: dict, out: Path, **extra):
 
 
 def _loop(path: dict, ctx: dict, out: Path, **extra):
-    from qlora_fsdp.batches import FixedBatches
     from qlora_fsdp.model import random_model
-    from qlora_fsdp.train import TrainLoop
+    from qlora_fsdp.training import make_loop
+    from qlora_fsdp.training.batches import FixedBatches
 
     cfg = _train_config(path, ctx, out, **extra)
     replicas = ctx["world"] // cfg.pp
     batches = copy_task_batches(ctx["steps"] * cfg.grad_accum * replicas, ctx["seq"], ctx["config"].vocab_size)
     model = random_model(ctx["config"], dtype=DTYPES[path["precision"]], device=ctx["device"], seed=0)
-    return TrainLoop(cfg, model=model, train_batches=FixedBatches(batches))
+    return make_loop(cfg, model=model, train_batches=FixedBatches(batches))
 
 
 def run_loop(path: dict, ctx: dict) -> dict:

@@ -99,7 +99,7 @@ def gate_paths() -> list[dict]:
 def model_config(name: str, layers: int):
     import transformers
 
-    from qlora_fsdp.parallel.memory import llama_3_1_8b_config
+    from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
 
     if name == "tiny":  # a CPU smoke test of the script (gloo): every shape divisible for 2-way NF4 sharding
         return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=4,

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_results, copy_bandwidth_tbs, environment, gpu_time_us  # noqa: E402
 
-from qlora_fsdp import lora_add as la  # noqa: E402
-from qlora_fsdp import lora_swiglu as ls  # noqa: E402
+from qlora_fsdp.kernels import lora_add as la  # noqa: E402
+from qlora_fsdp.kernels import lora_swiglu as ls  # noqa: E402
 
 SHAPES = [(16, 64, 4), (16, 128, 2), (16, 128, 4), (16, 256, 4), (32, 64, 2), (32, 64, 4), (32, 128, 2),
           (32, 128, 4), (32, 128, 8), (32, 256, 4), (32, 256, 8), (64, 64, 4), (64, 128, 4), (64, 128, 8)]  # fmt: skip

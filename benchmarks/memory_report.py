@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, append_results, environment  # noqa: E402
 
-from qlora_fsdp.parallel.memory import bytes_at_rest, format_report, llama_3_1_8b_config  # noqa: E402
+from qlora_fsdp.parallel.sizing import bytes_at_rest, format_report, llama_3_1_8b_config  # noqa: E402
 
 if __name__ == "__main__":
     config = llama_3_1_8b_config()

@@ -35,7 +35,7 @@ from common import append_results, copy_task_batches, environment  # noqa: E402
 
 
 def model_config(name: str):
-    from qlora_fsdp.parallel.memory import llama_3_1_8b_config
+    from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
 
     if name == "tiny":  # a CPU smoke test of the script (gloo)
         import transformers
@@ -70,9 +70,9 @@ def _train_worker(rank, world, port, args, precision, offload, steps, accum, sch
     args.pp stages x world / args.pp replicas."""
     import json
 
-    from qlora_fsdp.batches import FixedBatches
     from qlora_fsdp.model import random_model
-    from qlora_fsdp.train import TrainConfig, TrainLoop
+    from qlora_fsdp.training import TrainConfig, make_loop
+    from qlora_fsdp.training.batches import FixedBatches
 
     device = _join(rank, world, port)
     if schedule and schedule.endswith(":torch"):  # torch's own weight pass, one autograd call per parameter group
@@ -88,7 +88,7 @@ def _train_worker(rank, world, port, args, precision, offload, steps, accum, sch
                       lora_alpha=32, lr=2e-4, warmup_steps=5, max_steps=steps, grad_accum=accum, batch_size=1,
                       max_length=args.seq, cpu_offload=offload, progress=False, device=device, seed=0, **pipeline)  # fmt: skip
     batches = copy_task_batches(steps * accum * replicas, args.seq, config.vocab_size)
-    loop = TrainLoop(cfg, model=model, train_batches=FixedBatches(batches))
+    loop = make_loop(cfg, model=model, train_batches=FixedBatches(batches))
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     records = [r for r in loop.train() if "loss" in r]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import DEVICE, build_system, make_batch, sync, tiny_config  # noqa: E402
 
-from qlora_fsdp.parallel.memory import llama_3_1_8b_config  # noqa: E402
+from qlora_fsdp.parallel.sizing import llama_3_1_8b_config  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("nf4 dequant", r"nf4|dequant"),

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, environment  # noqa: E402
 
 from qlora_fsdp.model import quantizable_linears, random_model  # noqa: E402
-from qlora_fsdp.parallel.memory import llama_3_1_8b_config  # noqa: E402
+from qlora_fsdp.parallel.sizing import llama_3_1_8b_config  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script with --config tiny
@@ -95,7 +95,7 @@ class Repeat:
 def ours(config, args, compile=False, chunked=False, **options):
     """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile); `options`:
     more TrainConfig fields."""
-    from qlora_fsdp.train import TrainConfig, TrainLoop
+    from qlora_fsdp.training import TrainConfig, TrainLoop
 
     model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
     options = {"activation_checkpointing": True, "compile": compile, "chunked_loss": chunked, **options}
@@ -155,7 +155,7 @@ def build_system(spec: str, config, args):
     """`name[/field=value...]`: SYSTEMS[name], given TrainConfig fields typed from their defaults."""
     from dataclasses import fields
 
-    from qlora_fsdp.train import TrainConfig
+    from qlora_fsdp.training import TrainConfig
 
     name, *opts = spec.split("/")
     defaults = {f.name: f.default for f in fields(TrainConfig)}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qlora_fsdp.compile import compile_counts
-from qlora_fsdp.train import TrainConfig, TrainLoop
-from tests.test_train import ListBatches, base_model, collate, synthetic_examples
+from qlora_fsdp.training import TrainConfig, TrainLoop
+from tests.training.test_loop import ListBatches, base_model, collate, synthetic_examples
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_cli_compile_prints_the_counts(tmp_path, capfd):
 
 
 def test_compile_mode_reaches_every_layer_and_bad_modes_are_errors(tmp_path, monkeypatch):
-    from qlora_fsdp.train import TrainError
+    from qlora_fsdp.training import TrainError
 
     seen = []
     original = torch.nn.Module.compile

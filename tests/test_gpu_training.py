@@ -9,7 +9,7 @@ from torch import nn
 from qlora_fsdp.model import embedded_model_dir, load_model
 from qlora_fsdp.nf4 import dequantize_reference, quantize_nf4
 from qlora_fsdp.nf4.tensor import NF4Tensor
-from qlora_fsdp.train import TrainConfig, TrainLoop
+from qlora_fsdp.training import TrainConfig, TrainLoop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -65,7 +65,7 @@ def test_compiled_training_on_cuda_equals_eager(tmp_path, precision, rtol):
 
     from qlora_fsdp.compile import compile_counts
     from qlora_fsdp.model import random_model
-    from tests.test_train import ListBatches
+    from tests.training.test_loop import ListBatches
 
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
                                       num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
@@ -116,14 +116,14 @@ def test_memory_options_on_cuda(tmp_path, monkeypatch):
     and with --mlp-chunk-tokens; all give the same losses."""
     import transformers
 
-    from qlora_fsdp import activation_checkpointing
-    from qlora_fsdp.activation_checkpointing import _OFFLOAD
-    from qlora_fsdp.cpu_embedding import embedding_on_cpu
+    from qlora_fsdp.memory import activation_checkpointing
+    from qlora_fsdp.memory.activation_checkpointing import _OFFLOAD
+    from qlora_fsdp.memory.cpu_embedding import embedding_on_cpu
     from qlora_fsdp.model import random_model
 
     monkeypatch.setattr(activation_checkpointing, "HOST_PIECE_BYTES", 3 << 19)  # 6 pieces a layer input
 
-    from .test_train import ListBatches
+    from tests.training.test_loop import ListBatches
 
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                                       num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip

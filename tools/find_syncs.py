@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from train_step import build_system, make_batch, sync, tiny_config  # noqa: E402
 
-from qlora_fsdp.parallel.memory import llama_3_1_8b_config  # noqa: E402
+from qlora_fsdp.parallel.sizing import llama_3_1_8b_config  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from qlora_fsdp.train import TrainConfig, TrainLoop
+from qlora_fsdp.training import TrainConfig, TrainLoop
 
 
 def losses(precision: str, steps: int, perturb: bool, out: str) -> torch.Tensor:

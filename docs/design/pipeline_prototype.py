@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: t
 from qlora_fsdp.compile import token_loss_sum  # noqa: E402
 from qlora_fsdp.model import decoder_layers, load_model  # noqa: E402
 from qlora_fsdp.parallel.pipeline import DecoderStage, split_bounds, stage_indices  # noqa: E402
-from qlora_fsdp.train import TrainConfig, add_lora, seed_everything  # noqa: E402
-from tests.test_train import synthetic_examples  # noqa: E402
+from qlora_fsdp.training import TrainConfig, add_lora, seed_everything  # noqa: E402
+from tests.training.test_loop import synthetic_examples  # noqa: E402
 
 T_FIX = 20  # every batch padded to one length: PipelineStage fixes its recv buffer shapes at the first step
 GLOBAL_B = 8

@@ -10,7 +10,7 @@ def __getattr__(name):  # lazy: `import qlora_fsdp.nf4` stays light
         from . import model
 
         return getattr(model, name)
-    if name in ("TrainConfig", "TrainLoop"):
+    if name in ("TrainConfig", "TrainLoop"):  # TrainLoop(cfg) picks the pipeline loop for cfg.pp > 1 (train.py)
         from . import train
 
         return getattr(train, name)

@@ -71,7 +71,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field: --kebab-name, typed from its default."""
     from dataclasses import MISSING, fields
 
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     for f in fields(TrainConfig):
         if f.name in ("extra", "progress"):
@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from .model import EMBEDDED
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
@@ -112,9 +112,9 @@ def _train(args: argparse.Namespace) -> int:
 def _train_and_report(cfg) -> None:
     """Train; rank 0 prints the summary (and, on one process with the embedded data, the exact match)."""
     from .model import EMBEDDED
-    from .train import TrainLoop
+    from .training import make_loop
 
-    loop = TrainLoop(cfg)
+    loop = make_loop(cfg)
     records = loop.train()
     if loop.rank != 0:
         return
@@ -144,7 +144,7 @@ def _launch_workers(cfg) -> int:
     import torch.multiprocessing as mp
 
     if _on_gpus(cfg) and cfg.nproc > torch.cuda.device_count():
-        from .train import TrainError
+        from .training import TrainError
 
         raise TrainError(f"--nproc {cfg.nproc} but this machine has {torch.cuda.device_count()} GPU(s): lower --nproc")
     with socket.socket() as sock:
@@ -203,7 +203,7 @@ class _ProcessGroup:
         gpus = _on_gpus(self.cfg)
         if gpus:
             if not dist.is_nccl_available():
-                from .train import TrainError
+                from .training import TrainError
 
                 raise TrainError("NCCL is not available in this torch build: install a CUDA build of torch")
             torch.cuda.set_device(local)
@@ -230,9 +230,9 @@ def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
 
     import torch
 
-    from .checkpoint import atomic_write_text
+    from .training.checkpoint import atomic_write_text
     from .data import embedded_dataset
-    from .evaluate import exact_match_by_instruction, match_share
+    from .training.evaluate import exact_match_by_instruction, match_share
 
     examples = list(embedded_dataset(f"eval[:{n}]"))
     # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it
@@ -257,7 +257,7 @@ def _load_adapted(adapter: str, model: str | None, dense: bool = False, dtype: s
 
     import peft
 
-    from .batches import load_tokenizer
+    from .training.batches import load_tokenizer
     from .model import ModelLoadError, dequantize_model, load_model
 
     path = Path(adapter)
@@ -295,7 +295,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_dir
+    from .training.checkpoint import atomic_dir
 
     if not args.merge:
         raise SystemExit("qlora-fsdp export: pass --merge (the adapter directory already is the PEFT export)")
@@ -352,7 +352,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .model import ModelLoadError
     from .nf4 import NF4FormatError
-    from .train import TrainError
+    from .training import TrainError
 
     return DataError, ModelLoadError, NF4FormatError, TrainError
 

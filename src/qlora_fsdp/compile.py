@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .input_grad import embedding_output_requires_grad
+from .memory.input_grad import embedding_output_requires_grad
 from .model import decoder_layers
 
 
@@ -45,10 +45,10 @@ def _configure(backend: str, model: nn.Module | None = None) -> None:
 def compile_model(model: nn.Module, *, backend: str = "inductor", dynamic: bool = True, fullgraph: bool = True,
                   mode: str | None = None) -> nn.Module:  # fmt: skip
     """Compile every decoder layer of `model` (a transformers causal LM, peft-wrapped or not) in place; returns it.
-    fullgraph=False allows graph breaks (sequence-chunked MLPs run outside the graph: chunked_mlp.py); mode is
+    fullgraph=False allows graph breaks (sequence-chunked MLPs run outside the graph: memory/chunked_mlp.py); mode is
     inductor's (e.g. "max-autotune-no-cudagraphs": Triton matmul templates tried against cuBLAS, fused epilogues).
 
-    The embedding output is made to require grad (`input_grad.py`), so the first layer sees the same kind of input
+    The embedding output is made to require grad (`memory/input_grad.py`), so the first layer sees the same kind of input
     as the others and shares their graph."""
     _configure(backend, model)
     embedding_output_requires_grad(model)

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from qlora_fsdp.model import load_model
 from qlora_fsdp.nf4.tensor import NF4Tensor
 from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
-from qlora_fsdp.train import TrainConfig, TrainLoop
-from tests.test_train import ListBatches, collate, synthetic_examples
+from qlora_fsdp.training import TrainConfig, TrainLoop
+from tests.training.test_loop import ListBatches, collate, synthetic_examples
 
 STEPS = 20
 # on a machine with 2+ GPUs the same tests run over NCCL, one GPU a rank; elsewhere over gloo on the CPU
@@ -266,7 +266,7 @@ def test_checkpoint_resumes_on_another_number_of_ranks(tmp_path, saved_on, resum
 def _dying_worker(rank, cfg, port):
     """The CLI's worker, except that rank 1 dies (as if killed) during step 3."""
     from qlora_fsdp import cli
-    from qlora_fsdp.train import TrainLoop
+    from qlora_fsdp.training import TrainLoop
 
     step = TrainLoop.train_step
 

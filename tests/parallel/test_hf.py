@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from tests.parallel.test_fsdp import free_port, tiny_llama
-from tests.test_train import SequentialTrainerMixin, collate, hf_args, synthetic_examples
+from tests.training.test_loop import SequentialTrainerMixin, collate, hf_args, synthetic_examples
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -10,12 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 from qlora_fsdp.compile import token_loss_sum
-from qlora_fsdp.lora_swiglu import patch_lora_swiglu
+from qlora_fsdp.lora.fused_mlp import patch_lora_swiglu
 from qlora_fsdp.model import load_model
 from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
-from qlora_fsdp.train import TrainConfig, add_lora, seed_everything
+from qlora_fsdp.training import TrainConfig, add_lora, seed_everything
 from tests.parallel.test_fsdp import free_port
-from tests.test_train import ListBatches, collate, synthetic_examples
+from tests.training.test_loop import ListBatches, collate, synthetic_examples
 
 STEPS, BATCH, T, MICRO = 3, 8, 20, 4
 PP = 2
@@ -204,19 +204,19 @@ def test_bad_pipeline_setups_are_one_line_errors(tmp_path):
         build_pipeline(model, "zbv", 0, 2, n_microbatches=4, loss_fn=None)
 
 
-# -- the training loop over a pipeline (TrainLoop with cfg.pp > 1) -------------------------------------------------
+# -- the training loop over a pipeline (make_loop with cfg.pp > 1) -------------------------------------------------
 LOOP_STEPS = 6
 
 
 def make_loop(out, model_dir, **options):
-    from qlora_fsdp.train import TrainLoop
+    from qlora_fsdp.training import make_loop as loop_for
 
     batches = [collate(synthetic_examples(n=48)[i : i + 4]) for i in range(0, 48, 4)]
     cfg = TrainConfig(output_dir=str(out), max_steps=LOOP_STEPS, lr=5e-3, warmup_steps=2, progress=False,
                       device="cpu", lora_r=4, lora_alpha=8, precision="fp32", batch_size=4, max_length=20,
                       max_grad_norm=0.05, **options)  # fmt: skip  (a small norm: clipping acts in every step)
-    return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device="cpu"),
-                     train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
+    return loop_for(cfg, model=load_model(model_dir, dtype=torch.float32, device="cpu"),
+                    train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
 
 
 def _loop_worker(rank, world, port, out, options):
@@ -284,7 +284,7 @@ def test_cli_pp_2_trains_reports_the_schedule_and_writes_a_peft_adapter(tmp_path
     report = json.loads((out / "pp_report.json").read_text())
     assert [r["stages"] for r in report["ranks"]] == [[0, 2], [1, 3]]
     from qlora_fsdp.cli import EMBEDDED_DEFAULTS
-    from qlora_fsdp.train import TrainLoop
+    from qlora_fsdp.training import TrainLoop
 
     one = TrainConfig(**{**EMBEDDED_DEFAULTS, "max_steps": 3, "max_length": 96, "batch_size": 8, "progress": False,
                          "output_dir": str(tmp_path / "one")})  # fmt: skip  (the same run on one process)

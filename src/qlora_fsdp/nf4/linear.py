@@ -23,7 +23,8 @@ from torch.fx import traceback as fx_traceback
 from torch.utils.checkpoint import CheckpointPolicy
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on x computes in: autocast's for x's device type where it is on, else x's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -104,6 +105,6 @@ class NF4LinearFunction(torch.autograd.Function):
 
 def nf4_linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` for an NF4Tensor weight (see the module docstring)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return NF4LinearFunction.apply(x, weight, bias, dtype)

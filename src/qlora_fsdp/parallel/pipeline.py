@@ -21,7 +21,7 @@ the data-parallel size (FSDP2 averages gradients over dp), so the run equals one
 
 from __future__ import annotations
 
-import time
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -201,24 +201,20 @@ def build_pipeline(model: nn.Module, schedule: str, rank: int, pp: int, *, n_mic
                     group=group)  # fmt: skip
 
 
-_STAGE_CLASS: list = []
-
-
+@functools.cache
 def _stage_class():
     """torch's PipelineStage whose first step opens no channel from a rank to itself: its channel-opening sends and
     receives (one each way between neighbouring stages) include, under ZBV, the pair of stages on one rank, which the
     gloo backend of torch 2.11 refuses ("Pair is not connected"). A rank's own stages pass tensors in memory."""
-    if not _STAGE_CLASS:
-        import torch.distributed as dist
-        from torch.distributed.pipelining import PipelineStage
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage
 
-        class Stage(PipelineStage):
-            def _get_init_p2p_neighbors_ops(self) -> list:
-                me = dist.get_rank(self.group)
-                return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != me]
+    class Stage(PipelineStage):
+        def _get_init_p2p_neighbors_ops(self) -> list:
+            me = dist.get_rank(self.group)
+            return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != me]
 
-        _STAGE_CLASS.append(Stage)
-    return _STAGE_CLASS[0]
+    return Stage
 
 
 def stage_backward_weight_fused(weights, param_groups: list[dict], retain_graph: bool = False) -> tuple:
@@ -311,7 +307,7 @@ def anchored_param_groups(inputs, params, reverse_edges: dict) -> list[dict]:
 
     The input pass detaches the stage outputs, which frees every autograd node not held elsewhere. torch keeps a
     group's intermediate nodes in the group; that holds a C++ node, but a custom autograd.Function's node (the fused
-    LoRA kernels', lora_add.py and lora_swiglu.py) is a Python object that holds its C++ node weakly: freed, the
+    LoRA kernels', kernels/lora_add.py and kernels/lora_swiglu.py) is a Python object that holds its C++ node weakly: freed, the
     weight pass fails ("Attribute 'register_prehook' is invalid for this instance of _C._FunctionBase"). Its nearest
     C++ consumers hold it, so the group keeps those ("anchors") until the weight pass has run."""
     groups = _TORCH_GET_PARAM_GROUPS[0](inputs, params, reverse_edges)
@@ -363,52 +359,3 @@ def keep_only(model: nn.Module, modules: list[DecoderStage]) -> None:
         inner.embed_tokens = nn.Module()
     if all(m.lm_head is None for m in modules):
         inner.norm, base.lm_head = nn.Module(), nn.Module()
-
-
-class ScheduleTimer:
-    """The bubble a schedule leaves on this rank: per step, the wall time of `schedule.step` and the time this rank
-    spent computing (its stages' forward, backward and weight-gradient passes); idle share = 1 - busy / step.
-
-    On CUDA every timed pass is bracketed by synchronisations, so waits for activations or gradients from the
-    neighbouring stage count as idle and kernels as busy (this costs the overlap of sends with compute)."""
-
-    METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
-
-    def __init__(self, stages: list, device: torch.device):
-        self.device = torch.device(device)
-        self.busy, self.steps = 0.0, []  # steps: (step seconds, busy seconds)
-        for st in stages:
-            for name in self.METHODS:
-                setattr(st, name, self._timed(getattr(st, name)))
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _timed(self, fn):
-        def run(*args, **kwargs):
-            self._sync()
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._sync()
-                self.busy += time.perf_counter() - t
-
-        return run
-
-    def step(self, fn, *args, **kwargs):
-        """Run fn (a schedule's step) and record its time and this rank's busy time."""
-        self._sync()
-        self.busy, t = 0.0, time.perf_counter()
-        out = fn(*args, **kwargs)
-        self._sync()
-        self.steps.append((time.perf_counter() - t, self.busy))
-        return out
-
-    def summary(self, skip: int = 1) -> dict:
-        """Mean step time (ms) and idle share, without the first `skip` steps (shape inference, warm-up)."""
-        steps = self.steps[skip:] or self.steps
-        wall, busy = sum(s for s, _ in steps), sum(b for _, b in steps)
-        return {"steps": len(steps), "step_ms": 1e3 * wall / max(len(steps), 1),
-                "busy_ms": 1e3 * busy / max(len(steps), 1), "idle": 1 - busy / wall if wall else float("nan")}  # fmt: skip
