@@ -68,23 +68,25 @@ EMBEDDED_DEFAULTS = {"lr": 3e-3, "max_steps": 300, "batch_size": 16, "warmup_ste
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field: --kebab-name, typed from its default."""
+    """One option per TrainConfig field: --kebab-name, typed from its default, with its help text and choices."""
     from dataclasses import MISSING, fields
 
     from .training import TrainConfig
 
     for f in fields(TrainConfig):
-        if f.name in ("extra", "progress"):
+        if "help" not in f.metadata:  # not an option (progress, extra)
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
+        shown = "''" if default == "" else default
+        choices = f.metadata["choices"]  # listed, and checked by TrainConfig.validate (a one-line error, not usage)
+        listed = f"one of {', '.join(repr(c) if c == '' else c for c in choices)}; " if choices else ""
+        text = f"{f.metadata['help']} ({listed}default: {shown})"
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {default}")
-        elif f.name == "target_modules":
-            p.add_argument(flag, default=None, help="'all-linear' or comma-separated names (default: all-linear)")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=None, help=f"default: {default}")
+            kind = type(default) if default is not None and f.name != "target_modules" else str
+            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -164,6 +166,9 @@ def _launch_workers(cfg) -> int:
 
 
 def _worker(rank: int, cfg, port: int) -> None:
+    from .quiet import quiet_known_messages
+
+    quiet_known_messages()  # a spawned process starts without the parent's filters
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg.nproc), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     with _ProcessGroup(cfg):
@@ -358,6 +363,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .quiet import quiet_known_messages
+
+    quiet_known_messages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

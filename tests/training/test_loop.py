@@ -108,6 +108,15 @@ def peft_model():
     return peft.get_peft_model(base_model(), config)
 
 
+def our_optimizer(model, warmup=2, total=4):
+    """AdamW and the loop's lr schedule (the first step at lr / warmup; transformers' starts at 0), for a Trainer
+    that is to take the same steps as the loop."""
+    from qlora_fsdp.training.lr_schedule import warmup_cosine
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    return opt, warmup_cosine(opt, warmup, total)
+
+
 def losses_of(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -119,9 +128,10 @@ def test_trainer_matches_our_loop(tmp_path):
         pass
 
     examples = synthetic_examples()
-    trainer = SeqTrainer(model=peft_model(), args=hf_args(transformers.TrainingArguments, tmp_path / "hf",
+    model = peft_model()
+    trainer = SeqTrainer(model=model, args=hf_args(transformers.TrainingArguments, tmp_path / "hf",
                          remove_unused_columns=False), train_dataset=datasets.Dataset.from_list(examples),
-                         data_collator=collate)  # fmt: skip
+                         data_collator=collate, optimizers=our_optimizer(model))  # fmt: skip
     trainer.train()
     ours, _ = run_loop(tmp_path / "ours", [collate(examples[i : i + 4]) for i in range(0, 32, 4)], 4, grad_accum=2)
     theirs = losses_of(trainer)
@@ -140,8 +150,9 @@ def test_sft_trainer_matches_our_loop(tmp_path):
     rows = [{"prompt": f"Reverse the word: {w}\n", "completion": w[::-1]}
             for w in ["cat", "house", "river", "stone", "apple", "light", "green", "table"] * 4]  # fmt: skip
     args = hf_args(trl.SFTConfig, tmp_path / "sft", max_length=64, bf16=False)  # TRL's default is bf16 autocast
-    trainer = SeqSFT(model=peft_model(), args=args,
-                     train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)  # fmt: skip
+    model = peft_model()
+    trainer = SeqSFT(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                     optimizers=our_optimizer(model))  # fmt: skip
     batches = [{k: v.clone() for k, v in b.items()} for b in trainer.get_train_dataloader()]
     assert any((b["labels"] == -100).any() for b in batches)  # prompt tokens masked: completion-only loss
     trainer.train()
@@ -199,3 +210,24 @@ def test_every_module_is_in_training_mode_in_a_step(tmp_path):
     assert modes() == {False}
     loop.train_step()
     assert modes() == {True}
+
+
+def test_outputs_get_the_users_umask(tmp_path):
+    """adapter/, checkpoints, metrics.jsonl and loss.png as mkdir and open make them (tempfile's are 0700 / 0600)."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        batches = [collate(synthetic_examples()[i : i + 4]) for i in range(0, 8, 4)]
+        run_loop(tmp_path, batches, 2)
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("adapter") == mode("checkpoint-2") == 0o750
+    assert mode("metrics.jsonl") == mode("loss.png") == mode("adapter/adapter_config.json") == 0o640
+
+
+def test_the_first_step_trains(tmp_path):
+    batches = [collate(synthetic_examples()[i : i + 4]) for i in range(0, 8, 4)]
+    _, loop = run_loop(tmp_path, batches, 2)
+    assert [r["lr"] for r in loop.records if "lr" in r] == [5e-3 / 2, 5e-3]  # warmup_steps=2

@@ -17,12 +17,31 @@ from pathlib import Path
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it is process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o22)
+    os.umask(umask)
+    return umask
+
+
+def with_user_mode(path: Path, directory: bool = False) -> Path:
+    """chmod `path` to what mkdir / open would have given it under the process umask (tempfile makes 0700 / 0600)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    return Path(path)
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yields a temporary directory next to `final`; on success it replaces `final` whole."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
+    tmp = with_user_mode(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent), directory=True)
     try:
         yield tmp
         if final.exists():
@@ -44,7 +63,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(with_user_mode(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

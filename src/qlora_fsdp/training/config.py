@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+
+from ..parallel.pipeline import SCHEDULES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -14,71 +16,85 @@ class TrainError(ValueError):
     """A training setup that cannot run; the message names the fix."""
 
 
+def option(default, help: str, choices: tuple | None = None):
+    """A TrainConfig field with its --help text (and the values it takes): the CLI builds its options from these."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    model: str = "embedded"  # a Hugging Face id, a local directory, or "embedded" (the shipped tiny model)
-    dataset: str = "embedded"  # a datasets name, a local .jsonl/.json/.parquet/.csv, or "embedded"
-    split: str = "train"
-    eval_dataset: str | None = None  # default: the embedded held-out set when dataset == "embedded"
-    eval_split: str = "train"
-    output_dir: str = "runs/qlora"
+    model: str = option("embedded", "a Hugging Face id, a local directory, or 'embedded' (the shipped tiny model)")
+    dataset: str = option("embedded", "a datasets name, a local .jsonl/.json/.parquet/.csv file or folder, or "
+                          "'embedded'")  # fmt: skip
+    split: str = option("train", "the training split, slices included (train[:100])")
+    eval_dataset: str | None = option(None, "held-out data, like --dataset (with the embedded dataset: its "
+                                      "held-out set)")  # fmt: skip
+    eval_split: str = option("train", "the held-out split of --eval-dataset")
+    output_dir: str = option("runs/qlora", "adapter, checkpoints, metrics.jsonl and loss.png go here")
     # data
-    max_length: int = 512
-    batch_size: int = 8  # examples per batch (padded batches)
-    packing: bool = False  # padding-free packing into rows of max_tokens
-    max_tokens: int = 2048  # tokens per packed row
-    group_by_length: bool = True
-    completion_only: bool = True
+    max_length: int = option(512, "tokens per example at most (longer ones are cut)")
+    batch_size: int = option(8, "examples per batch (padded batches)")
+    packing: bool = option(False, "padding-free packing of examples into rows of --max-tokens")
+    max_tokens: int = option(2048, "tokens per packed row (--packing)")
+    group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
+    completion_only: bool = option(True, "train on the answers only (labels on the completion tokens)")
     # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (scaling alpha / r, or alpha / sqrt(r) with --use-rslora)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: list[str] | str = option("all-linear", "'all-linear' or comma-separated module names "
+                                             "(q_proj,v_proj)")  # fmt: skip
+    use_rslora: bool = option(False, "rank-stabilised LoRA scaling")
     # optimisation
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_steps: int = 0  # 0: epochs * steps per epoch
-    epochs: float = 1.0
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = "bf16"  # bf16 | fp16 | fp32
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward (memory/)
-    ac_keep_layers: int = 0  # with it: the last N layers keep their activations (faster, more memory)
-    offload_activations: bool = False  # with it: the checkpointed layers' inputs wait in pinned host memory (1 GPU)
-    embedding_on_cpu: bool = False  # the frozen input embedding in host memory, lookups on the CPU (1 GPU)
-    keep_dequantized: bool = False  # NF4 linears keep the forward's dequantized weight for backward (nf4/linear.py)
-    mlp_chunk_tokens: int = 0  # >0: the MLPs run N tokens at a time, each chunk recomputed in backward (memory/)
-    compile: bool = False  # torch.compile every decoder layer (fullgraph) and the loss: see compile.py
-    compile_backend: str = "inductor"  # inductor | aot_eager | eager
-    compile_mode: str = ""  # inductor's mode: "" (its default) | max-autotune-no-cudagraphs | max-autotune | ...
-    chunked_loss: bool = False  # lm_head + cross-entropy in chunks, no (B, T, V) logits (memory/; not --pp)
-    loss_chunk_tokens: int = 0  # with it: tokens per chunk; 0: about 2^26 logits (512 tokens for Llama 3)
+    lr: float = option(2e-4, "peak learning rate (AdamW on the LoRA weights)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(10, "linear warmup steps, then cosine decay to 0")
+    max_steps: int = option(0, "optimizer steps; 0: --epochs over the training data")
+    epochs: float = option(1.0, "passes over the training data (when --max-steps is 0)")
+    grad_accum: int = option(1, "batches per optimizer step (per process)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0: no clipping")
+    precision: str = option("bf16", "compute precision (fp16 with a gradient scaler; T4s have no bf16)",
+                            tuple(PRECISIONS))  # fmt: skip
+    activation_checkpointing: bool = option(False, "recompute each decoder layer in backward: less memory")
+    ac_keep_layers: int = option(0, "with checkpointing: the last N layers keep their activations (faster)")
+    offload_activations: bool = option(False, "with checkpointing: the layers' inputs wait in pinned host memory "
+                                       "(1 GPU)")  # fmt: skip
+    embedding_on_cpu: bool = option(False, "the frozen input embedding in host memory, lookups on the CPU (1 GPU)")
+    keep_dequantized: bool = option(False, "NF4 linears keep the forward's dequantized weight for backward (faster, "
+                                    "more memory)")  # fmt: skip
+    mlp_chunk_tokens: int = option(0, "N > 0: the MLPs run N tokens at a time, each chunk recomputed in backward")
+    compile: bool = option(False, "torch.compile every decoder layer (fullgraph) and the loss")
+    compile_backend: str = option("inductor", "torch.compile backend", ("inductor", "aot_eager", "eager"))
+    compile_mode: str = option("", "inductor's mode ('': its default)", ("",) + COMPILE_MODES)
+    chunked_loss: bool = option(False, "lm_head + cross-entropy in chunks of tokens: no (B, T, V) logits (not --pp)")
+    loss_chunk_tokens: int = option(0, "with --chunked-loss: tokens per chunk; 0: about 2^26 logits")
     # FSDP2 (several processes)
-    nproc: int = 1  # processes to start (the CLI starts them; torchrun works as well)
-    fsdp_mixed_precision: bool = True  # MixedPrecisionPolicy: params in the compute dtype, fp32 gradient reduction
-    cpu_offload: bool = False  # CPUOffloadPolicy: sharded parameters, gradients and optimizer states on the host
+    nproc: int = option(1, "processes to start, one per GPU (FSDP2; torchrun works as well)")
+    fsdp_mixed_precision: bool = option(True, "FSDP2 parameters in the compute dtype, gradients reduced in fp32")
+    cpu_offload: bool = option(False, "FSDP2 CPU offload: sharded parameters, gradients and AdamW states on the host")
     # pipeline parallelism (parallel/pipeline.py): nproc = pp stages x data-parallel (FSDP2) replicas
-    pp: int = 1  # pipeline stages (ranks per pipeline)
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_zb | zbv (the last two: 2 stages per rank)
-    pp_microbatches: int = 0  # microbatches per step and replica; 0: grad_accum, or 2 x pp if grad_accum < pp
-    pp_layers: str = ""  # decoder layers per stage, e.g. "3,5"; "": balanced by count
-    pp_report: bool = False  # time every stage pass: step time and idle share per rank (pp_report.json)
-    seed: int = 0
+    pp: int = option(1, "pipeline stages; --nproc = pp x data-parallel replicas")
+    pp_schedule: str = option("1f1b", "pipeline schedule (interleaved_zb and zbv: 2 stages per rank)", tuple(SCHEDULES))
+    pp_microbatches: int = option(0, "microbatches per step and replica; 0: --grad-accum, or 2 x pp if that is less")
+    pp_layers: str = option("", "decoder layers per stage, e.g. '3,5'; '': balanced by count")
+    pp_report: bool = option(False, "time every stage pass: step time and idle share per rank (pp_report.json)")
+    seed: int = option(0, "seed of LoRA initialisation, dropout and data order")
     # bookkeeping
-    log_every: int = 1
-    eval_every: int = 0  # 0: at the start and the end only
-    save_every: int = 0  # 0: at the end only
-    keep_checkpoints: int = 2
-    resume: bool = False
-    device: str | None = None
+    log_every: int = option(1, "steps between progress-bar updates")
+    eval_every: int = option(0, "steps between held-out evaluations; 0: at the start and the end only")
+    save_every: int = option(0, "steps between checkpoints; 0: at the end only")
+    keep_checkpoints: int = option(2, "checkpoints kept (the oldest are removed)")
+    resume: bool = option(False, "continue from the newest checkpoint in --output-dir")
+    device: str | None = option(None, "cuda, cuda:1 or cpu; None: cuda when there is a GPU")
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise TrainError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        for f in fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                listed = ", ".join(repr(c) if c == "" else c for c in choices)
+                raise TrainError(f"--{f.name.replace('_', '-')} {value}: choose one of {listed}")
         for name in ("batch_size", "max_length", "grad_accum", "lora_r", "max_tokens"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -92,9 +108,9 @@ class TrainConfig:
         for flag in ("offload_activations", "embedding_on_cpu"):
             if getattr(self, flag) and (self.nproc > 1 or self.pp > 1):
                 raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
-        if self.compile_mode and (self.compile_mode not in COMPILE_MODES or self.compile_backend != "inductor"):
-            raise TrainError(f"--compile-mode {self.compile_mode}: one of {', '.join(COMPILE_MODES)}, with the "
-                             "inductor backend")  # fmt: skip
+        if self.compile_mode and self.compile_backend != "inductor":
+            raise TrainError(f"--compile-mode {self.compile_mode} is inductor's: drop --compile-backend "
+                             f"{self.compile_backend}")  # fmt: skip
         if self.mlp_chunk_tokens < 0:
             raise TrainError(f"--mlp-chunk-tokens must be at least 0 (got {self.mlp_chunk_tokens})")
         if self.loss_chunk_tokens < 0 or (self.loss_chunk_tokens and not self.chunked_loss):
@@ -112,10 +128,8 @@ class TrainConfig:
         return self.grad_accum if self.grad_accum >= self.pp else 2 * self.pp
 
     def _validate_pipeline(self) -> None:
-        from ..parallel.pipeline import COMPILED_ZERO_BUBBLE, SCHEDULES, ZERO_BUBBLE
+        from ..parallel.pipeline import COMPILED_ZERO_BUBBLE, ZERO_BUBBLE
 
-        if self.pp_schedule not in SCHEDULES:
-            raise TrainError(f"--pp-schedule {self.pp_schedule}: choose one of {', '.join(SCHEDULES)}")
         if self.nproc > 1 and self.nproc % self.pp:
             raise TrainError(f"--nproc {self.nproc} is not a multiple of --pp {self.pp}: the ranks form pp x dp")
         if self.precision == "fp16":

@@ -30,6 +30,7 @@ import torch
 from ..parallel.fsdp import set_accumulating
 from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_checkpoints
 from .config import PRECISIONS, TrainConfig, TrainError
+from .lr_schedule import warmup_cosine
 from .rng import rng_state, seed_everything, set_rng_state
 from .setup import prepare
 
@@ -92,10 +93,7 @@ class TrainLoop:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         steps_per_epoch = max(1, len(self.batches) // (cfg.grad_accum * self.replicas))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, self.total_steps),
-                                                         self.total_steps)  # fmt: skip
+        self.scheduler = warmup_cosine(self.optimizer, min(cfg.warmup_steps, self.total_steps), self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self._train_mode = False  # whether the loop has put the model in training mode (and not left it since)

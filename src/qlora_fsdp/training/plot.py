@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .checkpoint import with_user_mode
+
 
 def plot_loss(records: list[dict], path: Path) -> None:
     """Training loss per step, and the held-out loss where it was measured; written atomically."""
@@ -31,7 +33,7 @@ def plot_loss(records: list[dict], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp)
-        os.replace(tmp, path)
+        os.replace(with_user_mode(tmp), path)
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
