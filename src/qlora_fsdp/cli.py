@@ -112,8 +112,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(cfg) -> None:
-    """Train; rank 0 prints the summary (and, on one process with the embedded data, the exact match)."""
-    from .model import EMBEDDED
+    """Train; rank 0 prints the summary (and, on one process, the held-out exact match where answers exist)."""
     from .training import make_loop
 
     loop = make_loop(cfg)
@@ -133,8 +132,8 @@ def _train_and_report(cfg) -> None:
 
         counts = compile_counts()
         print(f"torch.compile: {counts['graphs']} graphs compiled, {counts['graph_breaks']} graph breaks")
-    if cfg.dataset == EMBEDDED and loop.world == 1:
-        _embedded_exact_match(loop, cfg)
+    if loop.world == 1:
+        _held_out_exact_match(loop, cfg)
     print(f"adapter, metrics.jsonl and loss.png in {cfg.output_dir}")
 
 
@@ -227,31 +226,41 @@ class _ProcessGroup:
             dist.destroy_process_group()
 
 
-def _embedded_exact_match(loop, cfg, n: int = 60) -> None:
-    """Held-out exact match of greedy answers, without the adapter (= the untrained one) and with it."""
+def _held_out_exact_match(loop, cfg, n: int = 60) -> None:
+    """Exact match of greedy answers on the first n held-out examples with a reference answer, without the adapter
+    (= the untrained one) and with it; per instruction (or kind) where those repeat. Written to eval.json."""
     import contextlib
     import json
     from pathlib import Path
 
     import torch
 
+    from .training.batches import data_sources
     from .training.checkpoint import atomic_write_text
-    from .data import embedded_dataset
-    from .training.evaluate import exact_match_by_instruction, match_share
+    from .training.evaluate import exact_match, group_field, match_share
 
-    examples = list(embedded_dataset(f"eval[:{n}]"))
+    held_out = data_sources(cfg)[1]
+    if held_out is None or len(held_out) == 0:
+        return
+    examples = held_out.select(range(min(n, len(held_out))))
+    group = group_field(examples)
     # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it
     eager = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
     with eager:
         with loop.model.disable_adapter():
-            before = exact_match_by_instruction(loop.model, loop.tokenizer, examples)
-        after = exact_match_by_instruction(loop.model, loop.tokenizer, examples)
+            before = exact_match(loop.model, loop.tokenizer, examples, cfg.max_length, group)
+        after = exact_match(loop.model, loop.tokenizer, examples, cfg.max_length, group)
+    m = sum(k for _, k in after.values())
+    if m == 0:  # no example with a reference answer (plain text)
+        return
     before_share, after_share = match_share(before), match_share(after)
-    print(f"held-out exact match ({n} examples): {before_share:.0%} (untrained adapter) -> {after_share:.0%} (trained)")
-    for instruction, (hits, m) in sorted(after.items()):
-        print(f"  {instruction:<24} {before[instruction][0]:>3}/{m} -> {hits}/{m}")
-    result = {"exact_match_untrained": before_share, "exact_match_trained": after_share, "examples": n,
-              "by_instruction": {k: {"untrained": before[k][0], "trained": h, "examples": m} for k, (h, m) in after.items()}}  # fmt: skip
+    print(f"held-out exact match ({m} examples): {before_share:.0%} (untrained adapter) -> {after_share:.0%} (trained)")
+    if group:
+        for key, (hits, k) in sorted(after.items()):
+            print(f"  {key:<24} {before[key][0]:>3}/{k} -> {hits}/{k}")
+    result = {"exact_match_untrained": before_share, "exact_match_trained": after_share, "examples": m,
+              "group_by": group, "by_group": {k: {"untrained": before[k][0], "trained": h, "examples": c}
+                                              for k, (h, c) in after.items()}}  # fmt: skip
     atomic_write_text(Path(cfg.output_dir) / "eval.json", json.dumps(result) + "\n")
 
 

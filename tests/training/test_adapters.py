@@ -78,7 +78,8 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert len(evals) == 2 and evals[1] < 0.7 * evals[0]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
     result = json.loads((out / "eval.json").read_text())
-    by_kind = result["by_instruction"]
+    by_kind = result["by_group"]
+    assert result["group_by"] == "instruction"
     assert result["examples"] == 60 and sum(k["examples"] for k in by_kind.values()) == 60
     assert set(by_kind) == {"Reverse the word.", "Sort the letters.", "Give the last letter."}
     for key, when in (("exact_match_untrained", "untrained"), ("exact_match_trained", "trained")):

@@ -1,9 +1,20 @@
-"""From a TrainConfig to the data a run needs: the tokenizer and the train/eval batchers."""
+"""From a TrainConfig to the data a run needs: the raw examples, the tokenizer and the train/eval batchers.
+
+Where the held-out examples come from (data_sources):
+    --eval-fraction F   a share F of the training examples (datasets' seeded train_test_split); the rest train
+    --eval-dataset D    split --eval-split of D (default: its train split)
+    --eval-split S      split S of --dataset; where S takes one end of the training split (train[-10%:], train[:50])
+                        and --split is that split whole, training takes the other end (train[:-10%], train[50:])
+    none of these       the embedded held-out set with the embedded dataset; else no held-out set
+"""
 
 from __future__ import annotations
 
+import re
+
 from ..data import Batcher, embedded_dataset, load_examples, tokenize_dataset
 from ..model import EMBEDDED, resolve_model_dir
+from .config import TrainError
 
 
 def load_tokenizer(name_or_path: str):
@@ -15,22 +26,51 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def _tokenized(spec: str, split: str, tokenizer, cfg, embedded_split: str):
-    dataset = embedded_dataset(embedded_split) if spec == EMBEDDED else load_examples(spec, split)
-    return tokenize_dataset(dataset, tokenizer, cfg.max_length, completion_only=cfg.completion_only)
+def other_end(eval_split: str, train_split: str) -> str | None:
+    """The training split that leaves out `eval_split` when that takes one end of `train_split` (unsliced):
+    train[-10%:] -> train[:-10%], train[:50] -> train[50:]; None when it does not."""
+    m = re.fullmatch(r"([\w.-]+)\[(-?\d+%?)?:(-?\d+%?)?\]", eval_split.replace(" ", ""))
+    if m is None or m.group(1) != train_split.strip() or bool(m.group(2)) == bool(m.group(3)):
+        return None
+    name, start, stop = m.groups()
+    return f"{name}[:{start}]" if start else f"{name}[{stop}:]"
+
+
+def _load(spec: str, split: str):
+    return embedded_dataset(split) if spec == EMBEDDED else load_examples(spec, split)
+
+
+def data_sources(cfg):
+    """(training examples, held-out examples or None), untokenized `datasets.Dataset`s (module docstring)."""
+    train_split = cfg.split
+    if cfg.eval_fraction:
+        both = _load(cfg.dataset, train_split).train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        return both["train"], both["test"]
+    if cfg.eval_dataset:
+        default = "eval" if cfg.eval_dataset == EMBEDDED else "train"  # the embedded task's held-out split
+        return _load(cfg.dataset, train_split), _load(cfg.eval_dataset, cfg.eval_split or default)
+    if cfg.eval_split:
+        rest = other_end(cfg.eval_split, train_split)
+        if rest is None and cfg.eval_split.split("[")[0].strip() == train_split.split("[")[0].strip():
+            raise TrainError(f"--eval-split {cfg.eval_split} overlaps --split {cfg.split}: take one end of it "
+                             "(train[-10%:]) with --split train, or pass --eval-fraction")  # fmt: skip
+        return _load(cfg.dataset, rest or train_split), _load(cfg.dataset, cfg.eval_split)
+    if cfg.dataset == EMBEDDED:
+        return _load(EMBEDDED, "train"), _load(EMBEDDED, "eval")
+    return _load(cfg.dataset, train_split), None
 
 
 def build_batches(cfg, tokenizer) -> tuple[Batcher, Batcher | None]:
     """Train batches (shuffled per epoch, resumable) and held-out batches (fixed order), or None for no eval set."""
+    train, held_out = data_sources(cfg)
+    tokenized = lambda d: tokenize_dataset(d, tokenizer, cfg.max_length, completion_only=cfg.completion_only)  # noqa: E731
     common = dict(packing=cfg.packing, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    train = Batcher(_tokenized(cfg.dataset, cfg.split, tokenizer, cfg, "train"), seed=cfg.seed,
-                    group_by_length=cfg.group_by_length and not cfg.packing, **common)  # fmt: skip
-    eval_spec = cfg.eval_dataset or (EMBEDDED if cfg.dataset == EMBEDDED else None)
-    if eval_spec is None:
-        return train, None
-    held_out = Batcher(_tokenized(eval_spec, cfg.eval_split, tokenizer, cfg, "eval"), shuffle=False, **common)
-    return train, held_out
+    train_batches = Batcher(tokenized(train), seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing,
+                            **common)  # fmt: skip
+    if held_out is None:
+        return train_batches, None
+    return train_batches, Batcher(tokenized(held_out), shuffle=False, **common)
 
 
 class FixedBatches:

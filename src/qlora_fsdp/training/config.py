@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..model import EMBEDDED
 from ..parallel.pipeline import SCHEDULES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -29,7 +30,9 @@ class TrainConfig:
     split: str = option("train", "the training split, slices included (train[:100])")
     eval_dataset: str | None = option(None, "held-out data, like --dataset (with the embedded dataset: its "
                                       "held-out set)")  # fmt: skip
-    eval_split: str = option("train", "the held-out split of --eval-dataset")
+    eval_split: str = option("", "held-out split: of --eval-dataset (its train split by default), or alone of "
+                             "--dataset, which then trains on the rest: --eval-split 'train[-10%:]'")  # fmt: skip
+    eval_fraction: float = option(0.0, "hold out this share of the training examples (seeded), e.g. 0.1")
     output_dir: str = option("runs/qlora", "adapter, checkpoints, metrics.jsonl and loss.png go here")
     # data
     max_length: int = option(512, "tokens per example at most (longer ones are cut)")
@@ -98,6 +101,7 @@ class TrainConfig:
         for name in ("batch_size", "max_length", "grad_accum", "lora_r", "max_tokens"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        self._validate_evaluation()
         if self.packing and self.max_tokens < self.max_length:
             raise TrainError(f"--max-tokens {self.max_tokens} < --max-length {self.max_length}: raise --max-tokens")
         if self.ac_keep_layers < 0:
@@ -119,6 +123,17 @@ class TrainConfig:
             raise TrainError("--chunked-loss does not run with --pp yet: drop one of them")
         if self.pp > 1:
             self._validate_pipeline()
+
+    def _validate_evaluation(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise TrainError(f"--eval-fraction {self.eval_fraction}: a share of the examples, 0 < f < 1 (0: off)")
+        if self.eval_fraction and (self.eval_dataset or self.eval_split):
+            given = "--eval-dataset" if self.eval_dataset else "--eval-split"
+            raise TrainError(f"--eval-fraction and {given} both choose the held-out set: drop one of them")
+        held_out = self.eval_dataset or self.eval_split or self.eval_fraction or self.dataset == EMBEDDED
+        if self.eval_every and not held_out:
+            raise TrainError(f"--eval-every {self.eval_every} without held-out data: add --eval-fraction 0.1, "
+                             "--eval-split or --eval-dataset")  # fmt: skip
 
     def microbatches(self) -> int:
         """Pipeline microbatches a step and replica: --pp-microbatches, else grad_accum if that is at least pp
