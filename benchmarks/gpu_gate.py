@@ -8,6 +8,7 @@ batches of 1 x --seq tokens of a copy task (gate_runs.py). Paths:
     1 GPU      every README recipe in bf16 and fp16 (default, --compile, --chunked-loss, fastest, leanest,
                --mlp-chunk-tokens, --ac-keep-layers), resume, the CLI (train, generate, export --merge on the GPU),
                and the references of the 2-GPU paths (fp32, 4 batches a step, Trainer, SFTTrainer)
+    widths     SmolLM2-135M's (576 x 576, tied embeddings) on 1 GPU and on 2 (NF4 shards that split quant groups)
     2 GPUs     --nproc 2: bf16, fp16 and fp32 (FSDP2 mixed precision), CPU offload, checkpointing, 2-step
                accumulation, compile + chunked loss + checkpointing, Trainer and SFTTrainer with shard_for_trainer;
                --nproc 2 --pp 2: every schedule, and 1F1B with --compile
@@ -62,9 +63,9 @@ def gate_paths() -> list[dict]:
     equality with another path's losses."""
     paths = []
 
-    def add(name, gpus=1, kind="loop", precision="bf16", accum=2, ref=None, tol=None, steps=5, **options):
+    def add(name, gpus=1, kind="loop", precision="bf16", accum=2, ref=None, tol=None, steps=5, model=None, **options):
         paths.append({"name": name, "gpus": gpus, "kind": kind, "precision": precision, "accum": accum,
-                      "options": options, "ref": ref, "tol": tol, "steps": steps})  # fmt: skip
+                      "options": options, "ref": ref, "tol": tol, "steps": steps, "model": model})  # fmt: skip
 
     for prec in ("bf16", "fp16"):
         base = f"1gpu/default/{prec}"
@@ -89,6 +90,10 @@ def gate_paths() -> list[dict]:
         **{**two, "tol": COMPILED_FIRST_STEP, "steps": 1})  # fmt: skip
     add("2gpu/trainer/bf16", kind="trainer", **{**two, "ref": "1gpu/trainer/bf16"})
     add("2gpu/sft/bf16", kind="sft", **{**two, "ref": "1gpu/sft/bf16"})
+    # SmolLM2-135M's widths (576 x 576 projections, tied embeddings): row chunks that split quant groups, so the NF4
+    # shards are windows of whole groups, zero-padded (nf4/sharding.py)
+    add("1gpu/smollm2-widths/bf16", accum=2, model="smollm2-widths")
+    add("2gpu/smollm2-widths/bf16", model="smollm2-widths", **{**two, "ref": "1gpu/smollm2-widths/bf16"})
     pp = {"gpus": 2, "accum": 4, "ref": "1gpu/accum4/bf16", "tol": TOL["bf16"], "pp": 2}
     for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv"):
         add(f"pp2/{schedule}/bf16", pp_schedule=schedule, **pp)
@@ -104,6 +109,9 @@ def model_config(name: str, layers: int):
     if name == "tiny":  # a CPU smoke test of the script (gloo): every shape divisible for 2-way NF4 sharding
         return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                         num_key_value_heads=2, num_hidden_layers=layers)  # fmt: skip
+    if name == "smollm2-widths":  # HuggingFaceTB/SmolLM2-135M's shapes, random weights
+        return transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                        num_key_value_heads=3, num_hidden_layers=layers, tie_word_embeddings=True)  # fmt: skip
     config = llama_3_1_8b_config()
     config.num_hidden_layers = layers
     return config
@@ -136,6 +144,7 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
     for path in paths:
         idx = path["index"]
         (out / f"{idx}.started").write_text(str(time.time()))
+        ctx["config"] = model_config(path["model"] or args["config"], args["layers"])
         ctx["scratch"] = Path(tempfile.mkdtemp(prefix=f"gate{idx}-"))
         start = time.perf_counter()
         try:

@@ -81,7 +81,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         shown = "''" if default == "" else default
         choices = f.metadata["choices"]  # listed, and checked by TrainConfig.validate (a one-line error, not usage)
         listed = f"one of {', '.join(repr(c) if c == '' else c for c in choices)}; " if choices else ""
-        text = f"{f.metadata['help']} ({listed}default: {shown})"
+        text = f"{f.metadata['help']} ({listed}default: {shown})".replace("%", "%%")  # argparse %-formats help
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -99,9 +99,12 @@ def _train(args: argparse.Namespace) -> int:
     if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
         given["target_modules"] = [m.strip() for m in given["target_modules"].split(",") if m.strip()]
     if given.get("model", EMBEDDED) == EMBEDDED:
+        held_out = given.get("dataset", EMBEDDED) == EMBEDDED or any(
+            given.get(k) for k in ("eval_dataset", "eval_split", "eval_fraction"))
         for k, v in EMBEDDED_DEFAULTS.items():
-            if k in {f.name for f in fields(TrainConfig)}:
-                given.setdefault(k, v)
+            if k == "eval_every" and not held_out:  # the embedded model on the user's data without held-out data
+                continue
+            given.setdefault(k, v)
     cfg = TrainConfig(**given)
     cfg.validate()  # bad options fail here, before any worker starts
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:

@@ -290,9 +290,10 @@ def test_cli_pp_2_trains_reports_the_schedule_and_writes_a_peft_adapter(tmp_path
                          "output_dir": str(tmp_path / "one")})  # fmt: skip  (the same run on one process)
     ref = TrainLoop(one).train()
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the embedded default's lr (3e-3): Adam turns the microbatches' sum-order noise (~1e-7) into 2.6e-5 by step 3
     for k in ("loss", "eval_loss"):
         torch.testing.assert_close(torch.tensor([r[k] for r in got if k in r]), torch.tensor([r[k] for r in ref if k in r]),
-                                   rtol=1e-5, atol=0)  # fmt: skip
+                                   rtol=1e-4, atol=0)  # fmt: skip
     model = peft.PeftModel.from_pretrained(load_model(embedded_model_dir(), dtype=torch.float32, device="cpu"),
                                            out / "adapter")  # fmt: skip
     assert sum("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters()) == 4 * 7  # all trained

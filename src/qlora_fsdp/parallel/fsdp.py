@@ -1,8 +1,8 @@
 """apply_fsdp(): FSDP2 (`fully_shard`) on every decoder layer and on the root, with the NF4 base sharded.
 
 Each NF4 weight is an `NF4Tensor` whose FSDP2 all-gather extension moves its uint8 bytes (see nf4/sharding.py):
-at rest a rank holds 1/N of every weight's packed bytes and statistics, LoRA parameters, their gradients and
-optimizer states; in forward and backward a layer's 4-bit bytes are gathered, dequantized per matmul and freed.
+at rest a rank holds 1/N of every weight's packed bytes and statistics (whole quant groups, on any number of
+ranks: at most one group more), LoRA parameters, their gradients and optimizer states; in forward and backward a layer's 4-bit bytes are gathered, dequantized per matmul and freed.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import torch
 from torch import nn
 
 from ..model import decoder_layers
-from ..nf4 import NF4FormatError
-from ..nf4.sharding import check_shardable
 from ..nf4.tensor import NF4Tensor
 
 
@@ -37,17 +35,10 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
 
 def shard_kwargs(module: nn.Module, *, mesh=None, mp_policy=None, offload_policy=None,
                  reshard_after_forward: bool = True) -> dict:  # fmt: skip
-    """`fully_shard` keyword arguments, after checking that every NF4 weight of `module` splits evenly over the
-    mesh (or the world): an NF4FormatError naming the weight otherwise."""
+    """`fully_shard` keyword arguments; the mesh by default: all ranks, on the device type of `module`'s parameters.
+    Any NF4 weight shards over any number of ranks (whole quant groups per rank, nf4/sharding.py)."""
     if mesh is None:  # fully_shard's own default mesh is on the accelerator whenever one exists, even for a CPU model
         mesh = default_mesh(module)
-    world = mesh.size()
-    for name, p in module.named_parameters():
-        if isinstance(p, NF4Tensor):
-            try:
-                check_shardable(p.nf4, world)
-            except NF4FormatError as e:
-                raise NF4FormatError(f"{name}: {e}") from None
     kwargs = {"reshard_after_forward": reshard_after_forward, "mesh": mesh, "mp_policy": mp_policy,
               "offload_policy": offload_policy}  # fmt: skip
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -101,6 +92,8 @@ def load_full_state_dict(model: nn.Module, state: dict) -> None:
         p = params[name]
         if tuple(full.shape) != tuple(p.shape):
             raise ValueError(f"{name}: shape {tuple(full.shape)} in the file, {tuple(p.shape)} in the model")
+        if isinstance(p.to_local() if isinstance(p, DTensor) else p, NF4Tensor):  # a shard's bytes are not its rows
+            raise ValueError(f"{name}: a frozen NF4 base weight comes from the checkpoint (load_model), not a state dict")
         if isinstance(p, DTensor):  # this rank's block of the whole tensor, no communication
             shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
             block = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
