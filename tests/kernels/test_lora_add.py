@@ -6,18 +6,9 @@ import torch
 
 from qlora_fsdp.kernels import lora_add as la
 from qlora_fsdp.kernels import rank_product
-from qlora_fsdp.nf4.triton_dequant import triton_interpreting
 
-from .test_lora_swiglu import _counting, tiny_lora_llama
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="no Triton interpreter")
-
-
-@pytest.fixture(autouse=True)
-def _kernels_in_the_interpreter(monkeypatch):
-    """Here CPU tensors run the kernels in Triton's interpreter (training on CPU takes the PyTorch references)."""
-    monkeypatch.setattr(rank_product, "INTERPRET_ON_CPU", True)
+# the device, the skip and the autouse fixture that runs CPU tensors in Triton's interpreter: test_lora_swiglu's
+from .test_lora_swiglu import DEVICE, _counting, _kernels_in_the_interpreter, needs_kernel, tiny_lora_llama  # noqa: F401
 
 
 def inputs(lead, n, r, dtype, seed=0):
