@@ -1,6 +1,6 @@
 """load_model(): a Hugging Face causal LM with its decoder-layer linears as frozen NF4 weights.
 
-    model = load_model("meta-llama/Llama-3.1-8B" | "/path/to/dir", dtype=torch.bfloat16)
+    model = load_model("meta-llama/Llama-3.1-8B" | "/path/to/dir" | "/path/to/model.gguf", dtype=torch.bfloat16)
 
 The model is built on the meta device and its checkpoint streamed in tensor by tensor, so a full 16-bit copy
 never exists on the host or the GPU (host peak: about one tensor plus the 4-bit model):
@@ -8,7 +8,9 @@ never exists on the host or the GPU (host peak: about one tensor plus the 4-bit 
   GPU when the model goes there, bit-exact with bitsandbytes on that device); embeddings, norms and lm_head
   stay 16-bit;
 - a bitsandbytes 4-bit checkpoint (`quantization_config.quant_method == "bitsandbytes"`, nf4): the stored
-  bytes and statistics are imported as they are, bit for bit, no requantization.
+  bytes and statistics are imported as they are, bit for bit, no requantization;
+- a GGUF file (or a directory holding one and no checkpoint): converted once, whole in memory, by transformers'
+  GGUF loader to a cached bf16 checkpoint (gguf.py), then loaded as a 16-bit checkpoint.
 The result is a plain transformers `PreTrainedModel` whose quantized linears hold an `NF4Tensor` weight.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .gguf import GGUFError, gguf_checkpoint
 from .nf4 import NF4FormatError, nf4_from_state_dict, quantize_nf4
 from .nf4.bnb import QUANT_STATE_SUFFIX
 from .nf4.tensor import NF4Tensor
@@ -87,15 +90,32 @@ def embedded_model_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "tiny"
 
 
+def _gguf_checkpoint(path: Path) -> Path:
+    try:
+        return gguf_checkpoint(path)
+    except GGUFError as e:
+        raise ModelLoadError(str(e)) from None
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local directory, "embedded", or a Hugging Face model id from the local cache or the hub."""
+    """A local directory, "embedded", a Hugging Face model id from the local cache or the hub, or a GGUF file (or a
+    directory holding one GGUF file and no checkpoint) as its cached 16-bit checkpoint (gguf.py)."""
     if str(name_or_path) == EMBEDDED:
         return embedded_model_dir()
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_checkpoint(path)
     if path.is_dir():
-        return path
+        if (path / "config.json").exists() or any(path.glob("*.safetensors")):
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            raise ModelLoadError(f"{path} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}): pass "
+                                 "one of them as the model")  # fmt: skip
+        return _gguf_checkpoint(ggufs[0]) if ggufs else path
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
-        raise ModelLoadError(f"model '{name_or_path}' not found: pass a directory holding config.json and safetensors")
+        raise ModelLoadError(f"model '{name_or_path}' not found: pass a directory holding config.json and safetensors, "
+                             "or a .gguf file")  # fmt: skip
     try:
         from huggingface_hub import snapshot_download
 
