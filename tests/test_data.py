@@ -159,14 +159,14 @@ def test_detect_format():
 
 def test_instruction_completion_only(tok):
     ex = {"instruction": "Reverse the word.", "input": "kitten", "output": "nettik"}
-    t = tokenize_example(ex, tok, "instruction", 256)
+    t = tokenize_example(ex, tok, "instruction", 256, prompt_format="alpaca")
     assert tok.decode(t["input_ids"]) == (
         "<s>### Instruction:\nReverse the word.\n\n### Input:\nkitten\n\n### Response:\nnettik</s>"
     )
     assert [tok.decode(s) for s in _trained_spans(t["input_ids"], t["labels"])] == ["nettik</s>"]
     # no input: no input block; completion_only=False trains on all but the first token
     ex = {"instruction": "What is 2 + 3?", "input": "", "output": "5"}
-    t = tokenize_example(ex, tok, "instruction", 256, completion_only=False)
+    t = tokenize_example(ex, tok, "instruction", 256, completion_only=False, prompt_format="alpaca")
     assert tok.decode(t["input_ids"]) == "<s>### Instruction:\nWhat is 2 + 3?\n\n### Response:\n5</s>"
     assert t["labels"] == [IGNORE_INDEX] + t["input_ids"][1:]
     # truncation
@@ -235,6 +235,38 @@ def test_prompt_completion_and_text(tok):
     t = tokenize_example({"text": "hello"}, tok, "text", 64)
     assert tok.decode(t["input_ids"]) == "<s>hello</s>"
     assert t["labels"] == [IGNORE_INDEX] + t["input_ids"][1:]
+
+
+def test_prompt_formats(tok):
+    """auto: the format the tokenizer names (the embedded one: alpaca, what its model learned), else the chat
+    template where there is one (instruct models), else Alpaca (instructions) or the text as written
+    (prompt/completion); chat, alpaca and raw are what they say; labels on the answer only."""
+    import copy
+
+    ex = {"instruction": "Reverse the word.", "input": "kitten", "output": "nettik"}
+    alpaca = tokenize_example(ex, tok, "instruction", 256, prompt_format="alpaca")
+    assert tok.decode(alpaca["input_ids"]).startswith("<s>### Instruction:")
+    assert tokenize_example(ex, tok, "instruction", 256) == alpaca  # auto: named in tokenizer_config.json
+    instruct = copy.deepcopy(tok)  # a tokenizer with a chat template that names no format
+    instruct.init_kwargs.pop("prompt_format")
+    turns = [{"role": "user", "content": "Reverse the word.\n\nkitten"}, {"role": "assistant", "content": "nettik"}]
+    chat = tokenize_example(ex, tok, "instruction", 256, prompt_format="chat")
+    assert chat == tokenize_example(ex, instruct, "instruction", 256)
+    assert tok.decode(chat["input_ids"]) == tok.apply_chat_template(turns, tokenize=False)
+    assert [tok.decode(s) for s in _trained_spans(chat["input_ids"], chat["labels"])] == ["nettik</s>"]
+    pc = tokenize_example({"prompt": "Reverse the word.", "completion": "drow"}, instruct, "prompt_completion", 256)
+    assert tok.decode(pc["input_ids"]).startswith("<s><|user|>\nReverse the word.</s><|assistant|>\n")
+    raw = tokenize_example(ex, tok, "instruction", 256, prompt_format="raw")
+    assert tok.decode(raw["input_ids"]) == "<s>Reverse the word.\nkittennettik</s>"
+    assert [tok.decode(s) for s in _trained_spans(raw["input_ids"], raw["labels"])] == ["nettik</s>"]
+    plain = copy.deepcopy(instruct)  # no chat template, no named format: a base model's tokenizer
+    plain.chat_template = None
+    assert tokenize_example(ex, plain, "instruction", 256) == alpaca
+    pc = tokenize_example({"prompt": "2+3=", "completion": "5"}, plain, "prompt_completion", 64)
+    assert tok.decode(pc["input_ids"]) == "<s>2+3=5</s>"
+    for bad, fix in (("chat", "has no chat template: use --prompt-format alpaca or raw"), ("jinja", "use one of auto")):
+        with pytest.raises(DataError, match=fix):
+            tokenize_example(ex, plain, "instruction", 64, prompt_format=bad)
 
 
 def test_tokenize_dataset_drops_and_errors(tok, caplog):

@@ -114,6 +114,7 @@ def make_tokenizer():
         clean_up_tokenization_spaces=False,
         model_max_length=2048,
         padding_side="right",
+        prompt_format="alpaca",  # the embedded model learned its task in the Alpaca template (data/formats.py)
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

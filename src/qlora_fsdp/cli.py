@@ -136,7 +136,9 @@ def _train_and_report(cfg) -> None:
         counts = compile_counts()
         print(f"torch.compile: {counts['graphs']} graphs compiled, {counts['graph_breaks']} graph breaks")
     if loop.world == 1:
-        _held_out_exact_match(loop, cfg)
+        from .training.evaluate import report_exact_match
+
+        report_exact_match(loop)
     print(f"adapter, metrics.jsonl and loss.png in {cfg.output_dir}")
 
 
@@ -171,6 +173,13 @@ def _worker(rank: int, cfg, port: int) -> None:
     from .quiet import quiet_known_messages
 
     quiet_known_messages()  # a spawned process starts without the parent's filters
+    import threading
+
+    import tqdm
+
+    # tqdm's default lock holds a multiprocessing semaphore, which os._exit below would leave for the parent's
+    # resource tracker to report as leaked: a thread lock serves a process that prints its own bars
+    tqdm.tqdm.set_lock(threading.RLock())
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg.nproc), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     with _ProcessGroup(cfg):
@@ -229,85 +238,20 @@ class _ProcessGroup:
             dist.destroy_process_group()
 
 
-def _held_out_exact_match(loop, cfg, n: int = 60) -> None:
-    """Exact match of greedy answers on the first n held-out examples with a reference answer, without the adapter
-    (= the untrained one) and with it; per instruction (or kind) where those repeat. Written to eval.json."""
-    import contextlib
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from .training.batches import data_sources
-    from .training.checkpoint import atomic_write_text
-    from .training.evaluate import exact_match, group_field, match_share
-
-    held_out = data_sources(cfg)[1]
-    if held_out is None or len(held_out) == 0:
-        return
-    examples = held_out.select(range(min(n, len(held_out))))
-    group = group_field(examples)
-    # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it
-    eager = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
-    with eager:
-        with loop.model.disable_adapter():
-            before = exact_match(loop.model, loop.tokenizer, examples, cfg.max_length, group)
-        after = exact_match(loop.model, loop.tokenizer, examples, cfg.max_length, group)
-    m = sum(k for _, k in after.values())
-    if m == 0:  # no example with a reference answer (plain text)
-        return
-    before_share, after_share = match_share(before), match_share(after)
-    print(f"held-out exact match ({m} examples): {before_share:.0%} (untrained adapter) -> {after_share:.0%} (trained)")
-    if group:
-        for key, (hits, k) in sorted(after.items()):
-            print(f"  {key:<24} {before[key][0]:>3}/{k} -> {hits}/{k}")
-    result = {"exact_match_untrained": before_share, "exact_match_trained": after_share, "examples": m,
-              "group_by": group, "by_group": {k: {"untrained": before[k][0], "trained": h, "examples": c}
-                                              for k, (h, c) in after.items()}}  # fmt: skip
-    atomic_write_text(Path(cfg.output_dir) / "eval.json", json.dumps(result) + "\n")
-
-
-def _load_adapted(adapter: str, model: str | None, dense: bool = False, dtype: str = "bf16", device: str | None = None):
-    """The base model with the adapter of `adapter` loaded (NF4 base; dense 16-bit if `dense`), and a tokenizer."""
-    import json
-    from pathlib import Path
-
-    import peft
-
-    from .training.batches import load_tokenizer
-    from .model import ModelLoadError, dequantize_model, load_model
-
-    path = Path(adapter)
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{path} holds no adapter_config.json: pass the adapter directory of a run "
-                             "(e.g. runs/qlora/adapter)")  # fmt: skip
-    base = model or json.loads(config_file.read_text()).get("base_model_name_or_path") or "embedded"
-    import torch
-
-    nf4_model = load_model(base, dtype=getattr(torch, DTYPES[dtype]), device=device)
-    if dense:
-        dequantize_model(nf4_model)
-    adapted = peft.PeftModel.from_pretrained(nf4_model, path)
-    tok = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base)
-    return adapted, tok
-
-
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from .data import resolve_prompt_format, single_turn_prompt_ids, single_turn_text
+    from .inference import dense_weights, greedy_answer, load_adapted
 
-    from .data import format_instruction_prompt
-
-    model, tok = _load_adapted(args.adapter, args.model, device=args.device)
-    prompt = args.prompt if args.raw else format_instruction_prompt(args.prompt, args.input or "")
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if tok.bos_token_id is not None and not args.raw:
-        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
-    ids = ids.to(model.device)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    model, tok = load_adapted(args.adapter, args.model, device=args.device)
+    fmt = resolve_prompt_format(tok, "chat" if args.chat else "raw" if args.raw else args.prompt_format)
+    ids = single_turn_prompt_ids(tok, single_turn_text(args.prompt, args.input or "", fmt), fmt)
+    with dense_weights(model):
+        start = time.perf_counter()
+        answer = greedy_answer(model, tok, ids, args.max_new_tokens)
+        seconds = time.perf_counter() - start
+    print(tok.decode(answer, skip_special_tokens=True))
+    print(f"({len(answer)} tokens in {seconds:.2f} s, {len(answer) / seconds:.1f} tokens/s; prompt format {fmt})",
+          file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -318,7 +262,9 @@ def _export(args: argparse.Namespace) -> int:
         raise SystemExit("qlora-fsdp export: pass --merge (the adapter directory already is the PEFT export)")
     import torch
 
-    model, tok = _load_adapted(args.adapter, args.model, dense=True, dtype=args.dtype, device=args.device)
+    from .inference import load_adapted
+
+    model, tok = load_adapted(args.adapter, args.model, dense=True, dtype=args.dtype, device=args.device)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 in W + s * B @ A
     try:
@@ -333,6 +279,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.formats import PROMPT_FORMATS
+
     parser = argparse.ArgumentParser(prog="qlora-fsdp", description="QLoRA finetuning with an NF4 base, on one GPU or many.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="train a LoRA adapter on an NF4 base (no options: the embedded default)")
@@ -344,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="", help="optional input field of the instruction")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--raw", action="store_true", help="send the prompt as it is, without the instruction template")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto", help="as in training: the chat template, "
+                   "the Alpaca template or the text as written; auto: chat where the tokenizer has a template")
+    p.add_argument("--chat", action="store_true", help="--prompt-format chat: the prompt as a user turn of the chat template")
+    p.add_argument("--raw", action="store_true", help="--prompt-format raw: send the prompt as it is")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=_generate)
     p = sub.add_parser("export", help="merge an adapter into its base and write a 16-bit transformers checkpoint")

@@ -77,9 +77,12 @@ WORDS = ["apple", "river", "stone", "light", "green", "table", "house", "cloud",
 
 
 def greedy_answers(model, tok, prompts, max_new_tokens=3):
+    """Greedy answers to prompts as user turns of the model's chat template (how `--prompt-format auto` trains an
+    instruct model), built here with transformers alone."""
     out = []
     for p in prompts:
-        ids = torch.tensor([[tok.bos_token_id] * (tok.bos_token_id is not None) + tok(p, add_special_tokens=False).input_ids])
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
@@ -104,7 +107,7 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert main(["train", "--model", str(smollm2_dir), "--dataset", str(tmp_path / "task.jsonl"), "--eval-fraction", "0.2",
-                 "--max-steps", "20", "--warmup-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--max-length", "32",
+                 "--max-steps", "20", "--warmup-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--max-length", "64",
                  "--precision", "fp32", "--device", "cpu", "--output-dir", str(out)]) == 0  # fmt: skip
     print(capsys.readouterr().out)
     result = json.loads((out / "eval.json").read_text())
@@ -172,3 +175,42 @@ def test_it_trains_on_two_gloo_ranks_with_the_losses_of_one_process(smollm2_dir,
     w = ref_loop.model.base_model.model.model.layers[0].self_attn.o_proj.base_layer.weight.nf4
     total = w.data.numel() + w.absmax.numel()
     assert total / 2 <= got["shard_bytes"] <= total / 2 + 8192 + 256, (got["shard_bytes"], total)
+
+
+def test_load_model_takes_the_gguf_file_as_its_converted_checkpoint(smollm2_gguf, smollm2_dir, ids, tmp_path, capsys):
+    """The .gguf path itself (and a directory holding only it) resolves to the cached conversion: no second one."""
+    from qlora_fsdp.model import resolve_model_dir
+
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "model.gguf").symlink_to(smollm2_gguf)
+    assert resolve_model_dir(smollm2_gguf) == smollm2_dir == resolve_model_dir(tmp_path / "only")
+    from_gguf, from_dir = (load_model(p, dtype=torch.bfloat16, device="cpu") for p in (smollm2_gguf, smollm2_dir))
+    assert "converting" not in capsys.readouterr().err
+    assert from_gguf.config._name_or_path == str(smollm2_gguf)
+    assert isinstance(from_gguf.model.layers[0].mlp.down_proj.weight, NF4Tensor)
+    with torch.no_grad():
+        assert torch.equal(from_gguf(input_ids=ids).logits, from_dir(input_ids=ids).logits)
+
+
+@pytest.mark.timeout(600)
+def test_the_cli_trains_on_the_gguf_file_and_exports_from_its_adapter(smollm2_gguf, smollm2_dir, tmp_path):
+    """`qlora-fsdp train --model file.gguf`: the adapter records the converted checkpoint as its base (a directory
+    peft can read a config from), and export loads it from there."""
+    import json
+
+    from qlora_fsdp.cli import main
+
+    rows = [{"prompt": f"First letter of {w}:", "completion": " " + w[0]} for w in WORDS]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(smollm2_gguf), "--dataset", str(tmp_path / "task.jsonl"), "--max-steps", "2",
+                 "--batch-size", "4", "--max-length", "64", "--precision", "fp32", "--device", "cpu",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(smollm2_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2], records
+    assert main(["export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), "--merge", "--dtype",
+                 "fp32", "--device", "cpu"]) == 0  # fmt: skip
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert merged.config.num_hidden_layers == 30 and merged.config.hidden_size == 576

@@ -54,9 +54,12 @@ def test_export_merge_and_generate(trained, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, loop.model.eval()(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)  # W + s B A folded into one fp32 matrix: rounding only
-    assert main(["generate", "--adapter", str(out / "adapter"), "--prompt", "Give the last letter.", "--input", "kitten",
-                 "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    ask = ["generate", "--adapter", str(out / "adapter"), "--prompt", "Give the last letter.", "--input", "kitten",
+           "--max-new-tokens", "4", "--device", "cpu"]  # fmt: skip
+    assert main(ask) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() != "" and "prompt format alpaca" in printed.err  # auto: what the tokenizer names
+    assert main(ask + ["--chat"]) == 0 and "prompt format chat" in capsys.readouterr().err
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -7,8 +7,8 @@ import datasets
 import pytest
 
 from qlora_fsdp.cli import main
-from qlora_fsdp.data import embedded_tokenizer, tokenize_example
-from qlora_fsdp.training.evaluate import group_field, instruction_prompt_ids, prompt_and_reference
+from qlora_fsdp.data import embedded_tokenizer, format_instruction_prompt, tokenize_example
+from qlora_fsdp.training.evaluate import group_field, prompt_and_reference
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,16 @@ def tok():
 
 def test_an_instructions_prompt_and_reference_are_what_training_sees(tok):
     example = {"instruction": "Reverse the word.", "input": "abc", "output": "cba"}
-    prompt, reference = prompt_and_reference(example, tok, "instruction", 256)
-    assert prompt == instruction_prompt_ids(tok, "Reverse the word.", "abc")
+    prompt, reference = prompt_and_reference(example, tok, "instruction", 256, "alpaca")
+    alpaca = format_instruction_prompt("Reverse the word.", "abc")
+    assert prompt == [tok.bos_token_id] + tok(alpaca, add_special_tokens=False).input_ids
     assert reference == tok("cba", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert prompt_and_reference(example, tok, "instruction", 256) == (prompt, reference)  # auto: what tok names
+    # chat: one user turn, the answer as the assistant's
+    prompt, reference = prompt_and_reference(example, tok, "instruction", 256, "chat")
+    user = [{"role": "user", "content": "Reverse the word.\n\nabc"}]
+    assert tok.decode(prompt) == tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(reference, skip_special_tokens=True).strip() == "cba"
 
 
 def test_a_conversations_reference_is_its_last_assistant_turn(tok):

@@ -13,12 +13,7 @@ Data flow, one module per step (each imports only the ones before it):
     tokenize   format -> input_ids + labels: tokenize_example, tokenize_dataset (completion-only masking)
     batching   tokenized rows -> batches: Batcher (padding or packing, group by length, resumable), count_label_tokens
 
-Label convention (Hugging Face causal LMs): `labels` is aligned with `input_ids`; the model shifts them, so
-labels[i] is the target predicted from position i-1, and -100 (IGNORE_INDEX) means "no loss here". No position
-predicts the first token of a sequence, so every tokenized example has labels[0] == -100, and the Batcher keeps
-the label at each packed example's start at -100: a packed example is never predicted from the one before it.
-The number of labels != -100 is then exactly the number of predicted tokens (`num_label_tokens`), the divisor of a
-token-weighted loss.
+Labels follow the Hugging Face causal-LM convention (-100 = no loss, labels[0] always -100): tokenize.py says how.
 """
 
 from __future__ import annotations
@@ -28,18 +23,22 @@ from .errors import DataError
 from .formats import (
     ACCEPTED_FIELDS,
     FORMATS,
+    PROMPT_FORMATS,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
     detect_format,
     format_instruction_prompt,
+    resolve_prompt_format,
+    single_turn_text,
 )
 from .sources import BUILDERS, embedded_dataset, embedded_dir, embedded_tokenizer, load_examples
-from .tokenize import IGNORE_INDEX, logger, tokenize_dataset, tokenize_example
+from .tokenize import IGNORE_INDEX, logger, single_turn_prompt_ids, tokenize_dataset, tokenize_example
 
 __all__ = [
     "ACCEPTED_FIELDS",
     "BUILDERS",
     "FORMATS",
+    "PROMPT_FORMATS",
     "IGNORE_INDEX",
     "PROMPT_NO_INPUT",
     "PROMPT_WITH_INPUT",
@@ -52,6 +51,9 @@ __all__ = [
     "embedded_tokenizer",
     "format_instruction_prompt",
     "load_examples",
+    "resolve_prompt_format",
+    "single_turn_prompt_ids",
+    "single_turn_text",
     "tokenize_dataset",
     "tokenize_example",
 ]

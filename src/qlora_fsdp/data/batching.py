@@ -153,6 +153,11 @@ class Batcher:
     def __len__(self) -> int:
         return self.num_batches()
 
+    @property
+    def longest(self) -> int:
+        """The widest batch any epoch can make: the longest example (max_tokens with packing)."""
+        return self.max_tokens if self.packing else int(self._lengths.max())
+
     # --- building batches
     def _example(self, i: int) -> tuple[list[int], list[int]]:
         labels = list(self._labels[i])

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import DataError
-from .formats import FORMATS, _text, detect_format, format_instruction_prompt
+from .formats import FORMATS, _text, detect_format, resolve_prompt_format, single_turn_text
 
 logger = logging.getLogger(__package__)  # "qlora_fsdp.data", the logger's name before the split into modules
 
@@ -135,49 +135,76 @@ def _tokenize_messages(tokenizer, messages: list, completion_only: bool) -> tupl
     return full, labels
 
 
-def tokenize_example(example: Mapping, tokenizer, fmt: str, max_length: int, completion_only: bool = True) -> dict:
+def _conversational(example: Mapping, fmt: str) -> bool:
+    prompt = example.get("prompt")
+    return fmt == "prompt_completion" and isinstance(prompt, Sequence) and not isinstance(prompt, str)
+
+
+def _prompt_then_reply(tokenizer, prompt: list, reply: list, completion_only: bool) -> tuple[list[int], list[int]]:
+    """The chat template over prompt + reply messages; with completion_only, labels on what follows the prompt
+    rendered with its generation prompt (the reply and the template's end-of-turn tokens)."""
+    ids, labels = _tokenize_messages(tokenizer, prompt + reply, completion_only=False)
+    if completion_only:
+        before = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        if ids[: len(before)] != before:
+            raise DataError("the chat template renders the prompt differently inside the full conversation: "
+                            "use --prompt-format alpaca or raw, or string prompt/completion fields")  # fmt: skip
+        labels = [IGNORE_INDEX] * len(before) + ids[len(before) :]
+    return ids, labels
+
+
+def single_turn_prompt_ids(tokenizer, text: str, prompt_format: str) -> list[int]:
+    """Token ids of a single-turn prompt whose answer follows directly: for "chat" the user turn `text` with the
+    template's generation prompt; for "alpaca" and "raw" bos + `text` (already templated: formats.single_turn_text)."""
+    if prompt_format == "chat":
+        return _chat_ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+    return _bos(tokenizer) + _encode(tokenizer, text)
+
+
+def _single_turn(tokenizer, text: str, answer: str, prompt_format: str, completion_only: bool):
+    if prompt_format == "chat":
+        user, reply = [{"role": "user", "content": text}], [{"role": "assistant", "content": answer}]
+        return _prompt_then_reply(tokenizer, user, reply, completion_only)
+    prompt = single_turn_prompt_ids(tokenizer, text, prompt_format)
+    response = _encode(tokenizer, answer) + _eos(tokenizer)
+    return prompt + response, ([IGNORE_INDEX] * len(prompt) + response if completion_only else prompt + response)
+
+
+def tokenize_example(
+    example: Mapping, tokenizer, fmt: str, max_length: int, completion_only: bool = True, prompt_format: str = "auto"
+) -> dict:
     """Token ids and labels of one example, truncated to `max_length` tokens.
 
-    instruction        bos + format_instruction_prompt(instruction, input) + output + eos
-    prompt_completion  bos + prompt + completion + eos (strings), or the chat template over prompt + completion messages
+    instruction        the prompt format (formats.py) around instruction and input, then output and eos (or the
+                       template's end of turn)
+    prompt_completion  strings: the same with the prompt; lists of messages: the chat template over prompt +
+                       completion messages
     messages           the tokenizer's chat template (bos prepended if the template does not add it)
     text               bos + text + eos
 
     With completion_only the prompt (instruction, prompt, every non-assistant turn) gets label -100 and only the
     response (output + eos; completion + eos; each assistant reply with the template's end-of-turn tokens) is
     trained on; text examples train on every token. labels[0] is always -100 (nothing predicts it). Prompt and
-    response are tokenized apart, so the boundary is exact whatever the tokenizer merges.
+    response are tokenized apart (through a chat template: the prompt must render as a prefix of the whole), so
+    the boundary is exact whatever the tokenizer merges.
     Returns {"input_ids": list[int], "labels": list[int]} of equal length <= max_length.
     """
     if max_length < 2:
         raise DataError(f"max_length={max_length} leaves nothing to predict: use max_length >= 2")
-    if fmt == "instruction":
-        text = format_instruction_prompt(_text(example, "instruction"), _text(example, "input", required=False))
-        prompt = _bos(tokenizer) + _encode(tokenizer, text)
-        response = _encode(tokenizer, _text(example, "output")) + _eos(tokenizer)
-        ids = prompt + response
-        labels = [IGNORE_INDEX] * len(prompt) + response if completion_only else list(ids)
-    elif fmt == "prompt_completion":
-        prompt, completion = example.get("prompt"), example.get("completion")
-        if not isinstance(prompt, Sequence) or isinstance(prompt, str):  # plain strings (None fails in _text)
-            p = _bos(tokenizer) + _encode(tokenizer, _text(example, "prompt"))
-            response = _encode(tokenizer, _text(example, "completion")) + _eos(tokenizer)
-            ids = p + response
-            labels = [IGNORE_INDEX] * len(p) + response if completion_only else list(ids)
-        else:  # conversational: prompt messages, completion message(s); train on everything after the prompt
-            prompt = _check_messages(prompt)
-            if isinstance(completion, str):
-                completion = [{"role": "assistant", "content": completion}]
-            completion = _check_messages(completion)
-            ids, labels = _tokenize_messages(tokenizer, prompt + completion, completion_only=False)
-            if completion_only:
-                before = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-                if ids[: len(before)] != before:
-                    raise DataError(
-                        "the chat template renders the prompt differently inside the full conversation: "
-                        "use string prompt/completion fields"
-                    )
-                labels = [IGNORE_INDEX] * len(before) + ids[len(before) :]
+    if fmt in ("instruction", "prompt_completion") and not _conversational(example, fmt):
+        pf = resolve_prompt_format(tokenizer, prompt_format, fmt)
+        if fmt == "instruction":
+            text = single_turn_text(_text(example, "instruction"), _text(example, "input", required=False), pf)
+            answer = _text(example, "output")
+        else:
+            prompt = _text(example, "prompt")
+            text, answer = (prompt if pf == "raw" else single_turn_text(prompt, "", pf)), _text(example, "completion")
+        ids, labels = _single_turn(tokenizer, text, answer, pf, completion_only)
+    elif fmt == "prompt_completion":  # conversational: prompt messages, completion message(s)
+        prompt, completion = _check_messages(example["prompt"]), example.get("completion")
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        ids, labels = _prompt_then_reply(tokenizer, prompt, _check_messages(completion), completion_only)
     elif fmt == "messages":
         ids, labels = _tokenize_messages(tokenizer, _check_messages(example.get("messages")), completion_only)
     elif fmt == "text":
@@ -193,7 +220,7 @@ def tokenize_example(example: Mapping, tokenizer, fmt: str, max_length: int, com
 
 def tokenize_dataset(
     dataset, tokenizer, max_length: int, completion_only: bool = True, *, fmt: str | None = None,
-    num_proc: int | None = None,
+    num_proc: int | None = None, prompt_format: str = "auto",
 ):  # fmt: skip
     """Tokenize every example (see tokenize_example); returns a Dataset with columns input_ids, labels.
 
@@ -208,7 +235,8 @@ def tokenize_dataset(
     def tokenize_rows(rows: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": []}
         for k in range(len(next(iter(rows.values())))):
-            t = tokenize_example({c: v[k] for c, v in rows.items()}, tokenizer, fmt, max_length, completion_only)
+            t = tokenize_example({c: v[k] for c, v in rows.items()}, tokenizer, fmt, max_length, completion_only,
+                                 prompt_format)  # fmt: skip
             if any(label != IGNORE_INDEX for label in t["labels"]):
                 out["input_ids"].append(t["input_ids"])
                 out["labels"].append(t["labels"])

@@ -52,13 +52,6 @@ class ShardLayout:
         return ShardLayout(tuple(w.shape), split_rows, g, -(-groups // chunks))
 
     @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
     def chunks(self) -> int:
         return -(-self.shape[0] // self.split_rows)
 

@@ -11,8 +11,9 @@ Where the held-out examples come from (data_sources):
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
-from ..data import Batcher, embedded_dataset, load_examples, tokenize_dataset
+from ..data import Batcher, detect_format, embedded_dataset, load_examples, resolve_prompt_format, tokenize_dataset
 from ..model import EMBEDDED, resolve_model_dir
 from .config import TrainError
 
@@ -60,17 +61,35 @@ def data_sources(cfg):
     return _load(cfg.dataset, train_split), None
 
 
-def build_batches(cfg, tokenizer) -> tuple[Batcher, Batcher | None]:
-    """Train batches (shuffled per epoch, resumable) and held-out batches (fixed order), or None for no eval set."""
+class RunData(NamedTuple):
+    train: Batcher  # shuffled per epoch, resumable
+    eval: Batcher | None  # held-out batches in a fixed order; None without a held-out set
+    held_out_examples: object | None  # the untokenized held-out `datasets.Dataset` (for exact match), or None
+    prompt_note: str | None  # one line: the prompt format single-turn examples get (describe_prompt_format)
+
+
+def build_batches(cfg, tokenizer) -> RunData:
+    """The batches of a run and what a report needs of its data (RunData)."""
     train, held_out = data_sources(cfg)
-    tokenized = lambda d: tokenize_dataset(d, tokenizer, cfg.max_length, completion_only=cfg.completion_only)  # noqa: E731
+    tokenized = lambda d: tokenize_dataset(d, tokenizer, cfg.max_length, completion_only=cfg.completion_only,  # noqa: E731
+                                           prompt_format=cfg.prompt_format)  # fmt: skip
     common = dict(packing=cfg.packing, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     train_batches = Batcher(tokenized(train), seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing,
                             **common)  # fmt: skip
-    if held_out is None:
-        return train_batches, None
-    return train_batches, Batcher(tokenized(held_out), shuffle=False, **common)
+    eval_batches = None if held_out is None else Batcher(tokenized(held_out), shuffle=False, **common)
+    return RunData(train_batches, eval_batches, held_out, describe_prompt_format(cfg, tokenizer, train))
+
+
+def describe_prompt_format(cfg, tokenizer, examples) -> str | None:
+    """One line saying which prompt format single-turn examples get (None for conversations and plain text)."""
+    fmt = detect_format(examples)
+    if fmt not in ("instruction", "prompt_completion") or isinstance(examples[0].get("prompt"), list):
+        return None
+    chosen = resolve_prompt_format(tokenizer, cfg.prompt_format, fmt)
+    why = {"chat": "the tokenizer's chat template", "alpaca": "the Alpaca template", "raw": "the text as written"}
+    how = "auto: " if cfg.prompt_format == "auto" else ""
+    return f"prompt format: {chosen} ({how}{why[chosen]}; --prompt-format chat|alpaca|raw to choose)"
 
 
 class FixedBatches:

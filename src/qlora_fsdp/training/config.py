@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..data.formats import PROMPT_FORMATS
 from ..model import EMBEDDED
 from ..parallel.pipeline import SCHEDULES
 
@@ -41,6 +42,9 @@ class TrainConfig:
     max_tokens: int = option(2048, "tokens per packed row (--packing)")
     group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
     completion_only: bool = option(True, "train on the answers only (labels on the completion tokens)")
+    prompt_format: str = option("auto", "how an instruction or prompt becomes tokens: the tokenizer's chat template, "
+                                "the Alpaca template, or as written; auto: chat where the tokenizer has a template",
+                                PROMPT_FORMATS)  # fmt: skip
     # LoRA
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scaling alpha / r, or alpha / sqrt(r) with --use-rslora)")

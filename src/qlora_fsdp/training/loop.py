@@ -70,18 +70,22 @@ class TrainLoop:
         self.dtype = PRECISIONS[cfg.precision]
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
+        self.rank, self.world = _rank_and_world()
+        self.held_out_examples = None  # untokenized held-out examples, where the loop built its own batches
         if train_batches is None:  # data first: a wrong path or field fails before a big model loads
             from .batches import build_batches, load_tokenizer
 
             tokenizer = tokenizer or load_tokenizer(cfg.model)
-            train_batches, eval_batches = build_batches(cfg, tokenizer)
+            data = build_batches(cfg, tokenizer)
+            train_batches, eval_batches, self.held_out_examples = data.train, data.eval, data.held_out_examples
+            if data.prompt_note and self.rank == 0:
+                print(data.prompt_note)
         self.batches, self.eval_batches = train_batches, eval_batches
         if model is None:
             from ..model import load_model
 
             model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.tokenizer = tokenizer
-        self.rank, self.world = _rank_and_world()
         self.prepared = prepare(model, cfg, device=self.device, rank=self.rank, world=self.world)
         self.model = self.prepared.model
         self._loss_sum = self.prepared.loss_sum

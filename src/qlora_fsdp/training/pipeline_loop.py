@@ -2,9 +2,10 @@
 
 The N ranks form a 2-D mesh of P pipeline stages x D = N / P data-parallel replicas (FSDP2 inside each stage when
 D > 1). A step takes grad_accum x D batches, like the FSDP2 loop; replica d runs batches d, d + D, ... through the
-pipeline as one (grad_accum x batch_size, max_length) block cut into microbatches (cfg.microbatches()).
-Every batch is padded to max_length columns and batch_size rows (filler rows predict nothing), because the stages
-size their send and receive buffers once.
+pipeline as one (grad_accum x batch_size, width) block cut into microbatches (cfg.microbatches()).
+Every batch is padded to batch_size rows (filler rows predict nothing) and to one width for the whole run, because
+the stages size their send and receive buffers once: the longest example of the run's data rounded up to a multiple
+of 8 (cfg.max_length where the batches cannot tell).
 
 The loss of a microbatch is its token cross-entropy sum x D / (label tokens of the whole step), so the step equals
 one process running all the batches (FSDP2 averages over D). Gradient clipping takes the norm over all stages:
@@ -36,20 +37,25 @@ class PipelineTrainLoop(TrainLoop):
         p = self.prepared
         self.pipe, self.pp_rank, self.pp_group, self.n_microbatches = p.pipeline, p.pp_rank, p.pp_group, p.microbatches
         self.timer = ScheduleTimer(self.pipe.stages, self.device) if self.cfg.pp_report else None
+        longest = [getattr(b, "longest", None) for b in (self.batches, self.eval_batches) if b is not None]
+        self.width = self.cfg.max_length
+        if longest and None not in longest:  # every rank builds the same data: the same width everywhere
+            self.width = min(self.width, -(-max(longest) // 8) * 8)
 
     # -- batches ------------------------------------------------------------------------------------------
     def _block(self, batches: list[dict]) -> dict:
-        """The replica's batches as one (grad_accum x batch_size, max_length) block on the device; missing batches
+        """The replica's batches as one (grad_accum x batch_size, self.width) block on the device; missing batches
         and rows are filler: attending to their own pad tokens (no fully masked row), with no label."""
         cfg = self.cfg
-        rows, T = cfg.grad_accum * cfg.batch_size, cfg.max_length
+        rows, T = cfg.grad_accum * cfg.batch_size, self.width
         ids = torch.zeros(rows, T, dtype=torch.long)
         labels = torch.full((rows, T), -100, dtype=torch.long)
         mask = torch.ones(rows, T, dtype=torch.long)
         for i, b in enumerate(batches):
             r, t = b["input_ids"].shape
             if r > cfg.batch_size or t > T:
-                raise TrainError(f"a batch of shape {r}x{t} exceeds --batch-size {cfg.batch_size} x --max-length {T}")
+                raise TrainError(f"a batch of shape {r}x{t} exceeds --batch-size {cfg.batch_size} x the pipeline's "
+                                 f"width {T} (--max-length {cfg.max_length}, or the longest example)")  # fmt: skip
             lo = i * cfg.batch_size
             ids[lo : lo + r, :t], labels[lo : lo + r, :t] = b["input_ids"], b["labels"]
             mask[lo : lo + r] = 0
