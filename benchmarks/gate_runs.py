@@ -9,6 +9,9 @@ folder. Kinds:
     trainer  transformers.Trainer, sft: TRL's SFTTrainer; both with shard_for_trainer (QLoRATrainer / QLoRASFTTrainer)
     cli      `qlora-fsdp train` on the embedded default on this GPU, then `generate` and `export --merge` with its
              adapter (subprocesses, as a user runs them)
+    generate greedy generation speed of the real model (generate_speed.py): NF4 dequantized once must give the
+             tokens of NF4 dequantized per token, within 1.5x of the dense model's time
+A path whose "model" is "real" loads ctx["real_model"] (a pretrained checkpoint) instead of a random model.
 """
 
 from __future__ import annotations
@@ -56,7 +59,12 @@ def _loop(path: dict, ctx: dict, out: Path, **extra):
     cfg = _train_config(path, ctx, out, **extra)
     replicas = ctx["world"] // cfg.pp
     batches = copy_task_batches(ctx["steps"] * cfg.grad_accum * replicas, ctx["seq"], ctx["config"].vocab_size)
-    model = random_model(ctx["config"], dtype=DTYPES[path["precision"]], device=ctx["device"], seed=0)
+    if path.get("model") == "real":
+        from qlora_fsdp.model import load_model
+
+        model = load_model(ctx["real_model"], dtype=DTYPES[path["precision"]], device=ctx["device"])
+    else:
+        model = random_model(ctx["config"], dtype=DTYPES[path["precision"]], device=ctx["device"], seed=0)
     return make_loop(cfg, model=model, train_batches=FixedBatches(batches))
 
 
@@ -179,7 +187,24 @@ def run_cli(path: dict, ctx: dict) -> dict:
                     f"export --merge loads ({seconds:.0f} s train)"}  # fmt: skip
 
 
-RUNNERS = {"loop": run_loop, "resume": run_resume, "trainer": run_trainer, "sft": run_trainer, "cli": run_cli}
+def run_generate(path: dict, ctx: dict) -> dict:
+    """generate_speed.measure on the real model: NF4 once vs per token (same tokens) and vs dense (within 1.5x)."""
+    from generate_speed import measure
+
+    rows = {r["system"]: r for r in measure(ctx["real_model"], ctx["device"], path["precision"], 64,
+                                            "The capital of France is")}  # fmt: skip
+    once, per_token = rows["nf4, dequantized once"], rows["nf4, dequantized per token"]
+    if not once["same_tokens_as_nf4_per_token"] or once["vs_dense"] < 1 / 1.5:
+        raise RuntimeError(f"NF4 once at {once['vs_dense']:.2f}x dense (needs >= 0.67x), same tokens as per token: "
+                           f"{once['same_tokens_as_nf4_per_token']}")  # fmt: skip
+    bnb = rows.get("bitsandbytes nf4 (transformers)")
+    note = (f"tokens/s: NF4 once {once['tokens_per_s']:.0f} ({once['vs_dense']:.2f}x dense), per token "
+            f"{per_token['tokens_per_s']:.0f}" + (f", bnb {bnb['tokens_per_s']:.0f}" if bnb else ""))  # fmt: skip
+    return {"losses": [0.0], "tokens_per_s": once["tokens_per_s"], "note": note}
+
+
+RUNNERS = {"loop": run_loop, "resume": run_resume, "trainer": run_trainer, "sft": run_trainer, "cli": run_cli,
+           "generate": run_generate}  # fmt: skip
 
 
 def run_path(path: dict, ctx: dict) -> dict:

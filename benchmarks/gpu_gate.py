@@ -1,6 +1,7 @@
 """The GPU gate: every user-facing path on GPUs, one PASS/FAIL line each, in one command.
 
     python benchmarks/gpu_gate.py [--layers 4] [--seq 2048] [--steps 6] [--only REGEX] [--config llama-3.1-8b|tiny]
+                                  [--real-model SmolLM2-135M-Instruct.Q4_1.gguf]
 
 The model has the Llama-3.1-8B layer widths (hidden 4,096, MLP 14,336, 32 / 8 heads, vocabulary 128,256: every
 kernel runs at its real size) with --layers decoder layers of random NF4 weights; LoRA r=16 on all 7 projections;
@@ -9,6 +10,9 @@ batches of 1 x --seq tokens of a copy task (gate_runs.py). Paths:
                --mlp-chunk-tokens, --ac-keep-layers), resume, the CLI (train, generate, export --merge on the GPU),
                and the references of the 2-GPU paths (fp32, 4 batches a step, Trainer, SFTTrainer)
     widths     SmolLM2-135M's (576 x 576, tied embeddings) on 1 GPU and on 2 (NF4 shards that split quant groups)
+    real       with --real-model (a GGUF file or checkpoint of SmolLM2-135M-Instruct, pretrained weights, all 30
+               layers, loaded by load_model): training on 1 GPU and on 2, and greedy generation speed, NF4 dequantized
+               once against per token and against the dense model (benchmarks/generate_speed.py)
     2 GPUs     --nproc 2: bf16, fp16 and fp32 (FSDP2 mixed precision), CPU offload, checkpointing, 2-step
                accumulation, compile + chunked loss + checkpointing, Trainer and SFTTrainer with shard_for_trainer;
                --nproc 2 --pp 2: every schedule, and 1F1B with --compile
@@ -94,6 +98,9 @@ def gate_paths() -> list[dict]:
     # shards are windows of whole groups, zero-padded (nf4/sharding.py)
     add("1gpu/smollm2-widths/bf16", accum=2, model="smollm2-widths")
     add("2gpu/smollm2-widths/bf16", model="smollm2-widths", **{**two, "ref": "1gpu/smollm2-widths/bf16"})
+    add("1gpu/smollm2-real/bf16", accum=2, model="real")
+    add("2gpu/smollm2-real/bf16", model="real", **{**two, "ref": "1gpu/smollm2-real/bf16"})
+    add("1gpu/smollm2-real-generate/bf16", kind="generate", model="real")
     pp = {"gpus": 2, "accum": 4, "ref": "1gpu/accum4/bf16", "tol": TOL["bf16"], "pp": 2}
     for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv"):
         add(f"pp2/{schedule}/bf16", pp_schedule=schedule, **pp)
@@ -101,10 +108,13 @@ def gate_paths() -> list[dict]:
     return paths
 
 
-def model_config(name: str, layers: int):
+def model_config(name: str, layers: int, real_model: str = ""):
     import transformers
 
     from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
+
+    if name == "real":  # the pretrained model, all of its layers
+        return transformers.AutoConfig.from_pretrained(real_model)
 
     if name == "tiny":  # a CPU smoke test of the script (gloo): every shape divisible for 2-way NF4 sharding
         return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -139,12 +149,12 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))  # fmt: skip
         dist.init_process_group("cuda:nccl,cpu:gloo" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=300))
-    ctx = {"config": model_config(args["config"], args["layers"]), "seq": args["seq"], "steps": args["steps"],
-           "device": device, "rank": rank, "world": world}  # fmt: skip
+    ctx = {"seq": args["seq"], "steps": args["steps"], "device": device, "rank": rank, "world": world}
     for path in paths:
         idx = path["index"]
         (out / f"{idx}.started").write_text(str(time.time()))
-        ctx["config"] = model_config(path["model"] or args["config"], args["layers"])
+        ctx["config"] = model_config(path["model"] or args["config"], args["layers"], args["real_model"])
+        ctx["real_model"] = args["real_model"]
         ctx["scratch"] = Path(tempfile.mkdtemp(prefix=f"gate{idx}-"))
         start = time.perf_counter()
         try:
@@ -280,6 +290,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="run the paths whose names match this regular expression (and their refs)")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--cpu", action="store_true", help="a smoke test of the script on CPU processes (gloo)")
+    p.add_argument("--real-model", default=os.environ.get("QLORA_GATE_REAL_MODEL", ""),
+                   help="SmolLM2-135M-Instruct as a GGUF file or checkpoint directory: runs the real-model paths")
     p.add_argument("--path-timeout", type=float, default=240.0)
     p.add_argument("--phases", action="store_true", help="the 2-GPU paths after the 1-GPU ones (tokens/s of a GPU "
                    "alone; about 9 minutes on 2 H200s instead of 5-6)")  # fmt: skip
@@ -295,13 +307,21 @@ def main() -> int:
     elif args.cpu:  # what runs fast on CPU processes
         paths = [x for x in paths if x["kind"] in ("loop", "resume") and not x["options"].get("compile")
                  and x["precision"] != "fp16"]  # fmt: skip
-    runnable = [x for x in paths if x["gpus"] <= gpus]
+    real = ""
+    if args.real_model:  # converted (a GGUF) once here, before the workers load it
+        from qlora_fsdp.model import resolve_model_dir
+
+        real = str(resolve_model_dir(args.real_model))
+    skipped = {x["name"]: f"needs {x['gpus']} GPUs" for x in paths if x["gpus"] > gpus}
+    skipped |= {x["name"]: "needs --real-model" for x in paths if x["model"] == "real" and not real}
+    runnable = [x for x in paths if x["name"] not in skipped]
     out = Path(tempfile.mkdtemp(prefix="gpu_gate-"))
-    wargs = {"config": args.config, "layers": args.layers, "seq": args.seq, "steps": args.steps, "cpu": args.cpu}
+    wargs = {"config": args.config, "layers": args.layers, "seq": args.seq, "steps": args.steps, "cpu": args.cpu,
+             "real_model": real}  # fmt: skip
     start = time.perf_counter()
     one = [x for x in runnable if x["gpus"] == 1]
     workers = max(1, min(gpus, 2, len(one)))
-    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] == "cli" else 1  # noqa: E731
+    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] in ("cli", "generate") else 1  # noqa: E731
     shares: list[list[dict]] = [[] for _ in range(workers)]
     for x in sorted(one, key=weight, reverse=True):  # heaviest first onto the lightest worker
         min(shares, key=lambda s: sum(map(weight, s))).append(x)
@@ -323,8 +343,8 @@ def main() -> int:
     print(f"\n{env['gpu']} x {gpus}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
           f"Llama-3.1-8B widths, {args.layers} layers, 1 x {args.seq} a batch, {args.steps} steps, r=16")  # fmt: skip
     for path in paths:
-        if path["gpus"] > gpus:
-            print(f"NOT RUN {path['name']:<40} needs {path['gpus']} GPUs")
+        if path["name"] in skipped:
+            print(f"NOT RUN {path['name']:<40} {skipped[path['name']]}")
             continue
         ok, check = verdict(path, results)
         passed += ok
@@ -336,7 +356,8 @@ def main() -> int:
         rows.append({**env, "path": path["name"], "passed": ok, "check": check, "losses": r.get("losses"),
                      "tokens_per_s": r.get("tokens_per_s"), "peak_gb": r.get("peak_gb"), "seconds": r.get("seconds")})  # fmt: skip
     not_run = len(paths) - len(runnable)
-    summary = f"gate: {passed}/{len(runnable)} passed" + (f", {not_run} not run (need more GPUs)" if not_run else "")
+    why = ", ".join(sorted(set(skipped.values())))
+    summary = f"gate: {passed}/{len(runnable)} passed" + (f", {not_run} not run ({why})" if not_run else "")
     print(f"{summary} in {seconds:.0f} s")
     append_results([*rows, {**env, "summary": summary, "seconds": seconds}])
     return 0 if passed == len(runnable) else 1
