@@ -1,12 +1,13 @@
-"""Greedy generation speed with an NF4 base: dequantized per token, dequantized once (inference.dense_weights),
-against the dense 16-bit model and bitsandbytes' 4-bit model, in one run on one device.
+"""Greedy generation speed with an NF4 base: dequantized per token, dequantized once with the adapter merged
+(inference.dense_weights, what `generate` does), against the dense 16-bit model and bitsandbytes' 4-bit model, in one
+run on one device.
 
     python benchmarks/generate_speed.py --model DIR|FILE.gguf|embedded [--device cpu|cuda] [--dtype bf16] [--tokens 64]
 
 Each system answers the same prompt greedily with the same number of new tokens (eos ignored); the report gives
 tokens/s, the ratio to the dense model, and whether each system's tokens equal the dense model's (NF4 per token
-and once must be identical to each other: same weights, same math). A LoRA adapter (r=16, all 7 projections,
-B = 0 as peft initialises it) is on the NF4 model, as in `qlora-fsdp generate`. Rows go to results.jsonl on GPUs.
+and once must be identical to each other: same weights, and the adapter, r=16 on all 7 projections with B = 0 as
+peft initialises it, adds exactly zero whether merged or not), as in `qlora-fsdp generate`. Rows go to results.jsonl on GPUs.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def measure(model_path: str, device: str, dtype: str, tokens: int, prompt: str) 
     adapted = peft.get_peft_model(nf4, lora).eval()
     rows = {}
     rows["nf4, dequantized per token"] = _timed_tokens(adapted, ids, tokens, dev)
-    with dense_weights(adapted) as swapped:
+    with dense_weights(adapted, merge=True) as swapped:
         if not swapped:
             raise SystemExit("the dense copy does not fit on this device")
         rows["nf4, dequantized once"] = _timed_tokens(adapted, ids, tokens, dev)

@@ -28,7 +28,7 @@ def test_the_paths_cover_every_recipe_schedule_and_reference():
     assert {"2gpu/cpu-offload/bf16", "2gpu/compile-chunked-ac/bf16", "2gpu/trainer/bf16", "2gpu/sft/bf16"} <= two
     assert {p["tol"] for p in paths if p["ref"] and p["name"].endswith("fp32")} == {1e-4}
     real = {p["name"]: p for p in paths if p["model"] == "real"}  # a pretrained model: trained on 1 and 2, generation
-    assert real["2gpu/smollm2-real/bf16"]["ref"] == "1gpu/smollm2-real/bf16"
+    assert real["2gpu/smollm2-real/fp32"]["ref"] == "1gpu/smollm2-real/fp32"
     assert real["1gpu/smollm2-real-generate/bf16"]["kind"] == "generate"
 
 
@@ -44,7 +44,7 @@ def test_a_loss_off_its_reference_fails():
 
 @pytest.mark.timeout(300)
 def test_a_cpu_run_passes_its_checks(tmp_path):
-    only = "^(2gpu/default/bf16|pp2/zbv/bf16|1gpu/resume/bf16|2gpu/smollm2-widths/bf16|2gpu/smollm2-real/bf16)$"
+    only = "^(2gpu/default/bf16|pp2/zbv/bf16|1gpu/resume/bf16|2gpu/smollm2-widths/bf16|2gpu/smollm2-real/fp32)$"
     # (and their references); the embedded model stands in for the pretrained one
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--config", "tiny",
                            "--layers", "4", "--seq", "64", "--steps", "3", "--only", only, "--real-model", "embedded"],
@@ -54,6 +54,6 @@ def test_a_cpu_run_passes_its_checks(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["path"] for r in rows if "path" in r} == {"1gpu/default/bf16", "1gpu/accum4/bf16", "1gpu/resume/bf16",
                                                         "2gpu/default/bf16", "pp2/zbv/bf16", "1gpu/smollm2-widths/bf16",
-                                                        "2gpu/smollm2-widths/bf16", "1gpu/smollm2-real/bf16",
-                                                        "2gpu/smollm2-real/bf16"}  # fmt: skip
+                                                        "2gpu/smollm2-widths/bf16", "1gpu/smollm2-real/fp32",
+                                                        "2gpu/smollm2-real/fp32"}  # fmt: skip
     assert all(r["passed"] for r in rows if "path" in r)

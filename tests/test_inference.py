@@ -53,3 +53,26 @@ def test_no_dense_copy_where_it_does_not_fit(model_and_tok, monkeypatch, caplog)
         with dense_weights(model, min_free_bytes=1 << 62) as swapped:
             assert not swapped and dict(model.named_parameters()) == before
     assert "would not fit" in caplog.text and dense_bytes(model) > 0
+
+
+def test_merge_folds_the_adapter_into_the_dense_copy_and_unmerges_on_exit(model_and_tok):
+    import peft
+
+    model, tok = model_and_tok
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a trained adapter: B != 0
+    ids = torch.tensor([single_turn_prompt_ids(tok, "Sort the letters.\nkitten", "raw")])
+    with torch.no_grad():
+        reference = adapted(input_ids=ids).logits  # NF4 base + LoRA terms, unmerged
+        with dense_weights(adapted, merge=True):
+            lora = [m for m in adapted.modules() if hasattr(m, "merged_adapters")]
+            assert lora and all(m.merged for m in lora)
+            merged = adapted(input_ids=ids).logits
+        assert not any(m.merged for m in lora)
+        assert all(isinstance(m.base_layer.weight, NF4Tensor) for m in lora)
+        torch.testing.assert_close(adapted(input_ids=ids).logits, reference, rtol=0, atol=0)  # untouched after
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-4)  # W + s B A rounded once in fp32
+    adapted.unload()  # the shared model without LoRA layers again

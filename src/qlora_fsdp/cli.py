@@ -245,7 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
     model, tok = load_adapted(args.adapter, args.model, device=args.device)
     fmt = resolve_prompt_format(tok, "chat" if args.chat else "raw" if args.raw else args.prompt_format)
     ids = single_turn_prompt_ids(tok, single_turn_text(args.prompt, args.input or "", fmt), fmt)
-    with dense_weights(model):
+    with dense_weights(model, merge=True):
         start = time.perf_counter()
         answer = greedy_answer(model, tok, ids, args.max_new_tokens)
         seconds = time.perf_counter() - start

@@ -1,13 +1,16 @@
 """Inference with an NF4 base: dequantize every weight once for a whole generation, load a trained adapter.
 
-    with dense_weights(model):      the NF4 weights swapped for their dense dequantization, restored on exit
-        model.generate(...)         each token then costs a dense forward (no dequantization per token)
+    with dense_weights(model, merge=True):   the NF4 weights swapped for their dense dequantization (and a peft
+        model.generate(...)                  model's adapters merged into them), restored on exit: each token
+                                             then costs a dense forward, no dequantization, no LoRA matmuls
     model, tok = load_adapted(adapter_dir)   the base (NF4, or dense) with a trained peft adapter
 
 Training dequantizes each weight in every forward, which costs little next to a step's matmuls over thousands of
 tokens. Generation runs one token per forward, so dequantizing all weights per token would dominate it (on CPU
-0.18 s a token for SmolLM2-135M, against 0.05 s dense). The dense copy takes 2 bytes a weight (bf16, fp16) or 4
-(fp32) on the weights' device; where it does not fit in free memory the model stays NF4 and says so.
+0.18 s a token for SmolLM2-135M, against 0.05 s dense); on a GPU a small model's token is launch-bound, and the
+adapter's two matmuls per linear cost more than the base's one, hence the merge (W + s B A, rounded once to the
+weight's dtype, as `export --merge` does). The dense copy takes 2 bytes a weight (bf16, fp16) or 4 (fp32) on the
+weights' device; where it does not fit in free memory the model stays NF4 and says so.
 """
 
 from __future__ import annotations
@@ -49,11 +52,13 @@ def dense_bytes(model: nn.Module) -> int:
 
 
 @contextmanager
-def dense_weights(model: nn.Module, min_free_bytes: int | None = None):
+def dense_weights(model: nn.Module, min_free_bytes: int | None = None, merge: bool = False):
     """Swap every NF4Tensor weight of `model` for its dense dequantization (same dtype, same device) for the block,
     then put the NF4 weights back (the same objects). The dense copies compute exactly the weights the NF4 path
-    dequantizes, so outputs match. Yields True when swapped; False (model untouched) when the copies would not fit
-    in free memory (needed: `min_free_bytes`, default HEADROOM x their size) or the weights are sharded (FSDP)."""
+    dequantizes, so outputs match. With `merge`, a peft model's active adapters are merged into the dense copies for
+    the block (peft's merge_adapter; unmerged before the NF4 weights return). Yields True when swapped; False (model
+    untouched) when the copies would not fit in free memory (needed: `min_free_bytes`, default HEADROOM x their
+    size) or the weights are sharded (FSDP)."""
     weights = _nf4_weights(model)
     if not weights or any(type(p).__name__ == "DTensor" for p in model.parameters()):
         yield False
@@ -65,12 +70,19 @@ def dense_weights(model: nn.Module, min_free_bytes: int | None = None):
                        "(each token dequantizes every weight again, slower)", need / 1e9, free / 1e9)  # fmt: skip
         yield False
         return
+    merged = False
     try:
         with torch.no_grad():
             for module, name, w in weights:
                 module._parameters[name] = nn.Parameter(w.dequantize(w.dtype), requires_grad=False)
+            if merge and hasattr(model, "merge_adapter"):
+                model.merge_adapter()
+                merged = True
         yield True
     finally:
+        if merged:  # peft's merged flags back to unmerged (the dense copies it subtracts from are dropped next)
+            with torch.no_grad():
+                model.unmerge_adapter()
         for module, name, w in weights:
             module._parameters[name] = w
 

@@ -5,7 +5,7 @@ only): the output of an instruction, the completion of a prompt / completion pai
 conversation. The prompt is everything before that span, token for token what training saw; the answer is the
 greedy continuation of as many tokens as the reference (with its eos or end-of-turn), and a hit is an answer that
 decodes to the same text. Plain text examples have no reference and are skipped. Generation runs on the base
-dequantized once (inference.dense_weights), not once per token.
+dequantized once with the adapter merged into it (inference.dense_weights), not dequantized once per token.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def report_exact_match(loop, n: int = 60) -> dict | None:
     run = lambda: exact_match(loop.model, loop.tokenizer, examples, cfg.max_length, group, cfg.prompt_format)  # noqa: E731
     # generation is another code path (KV cache, one token a step): run compiled layers eagerly for it
     eager = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
-    with eager, dense_weights(loop.model):
-        with loop.model.disable_adapter():
+    with eager:
+        with dense_weights(loop.model), loop.model.disable_adapter():
             before = run()
-        after = run()
+        with dense_weights(loop.model, merge=True):
+            after = run()
     m = sum(k for _, k in after.values())
     if m == 0:  # no example with a reference answer (plain text)
         return None
