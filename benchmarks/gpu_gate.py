@@ -15,7 +15,7 @@ batches of 1 x --seq tokens of a copy task (gate_runs.py). Paths:
                once against per token and against the dense model (benchmarks/generate_speed.py)
     2 GPUs     --nproc 2: bf16, fp16 and fp32 (FSDP2 mixed precision), CPU offload, checkpointing, 2-step
                accumulation, compile + chunked loss + checkpointing, Trainer and SFTTrainer with shard_for_trainer;
-               --nproc 2 --pp 2: every schedule, and 1F1B with --compile
+               --nproc 2 --pp 2: every schedule, 1F1B with --compile, 1F1B and ZBV in fp16
 Checks: every loss finite; where a path promises equality, its per-step losses against its reference's: 2 GPUs vs 1
 (same global batch) over the first 5 steps within 1e-3 relative in bf16 / fp16 and 1e-4 in fp32, the pipeline
 schedules within 1e-3, resume against the uninterrupted run, compiled against eager on the first step within 1e-2.
@@ -80,6 +80,7 @@ def gate_paths() -> list[dict]:
                 steps=1 if compiled else 5, **options)  # fmt: skip
     add("1gpu/default/fp32", precision="fp32")
     add("1gpu/accum4/bf16", accum=4)
+    add("1gpu/accum4/fp16", accum=4, precision="fp16")
     add("1gpu/resume/bf16", kind="resume", ref="1gpu/default/bf16", tol=TOL["bf16"], steps=6)
     add("1gpu/trainer/bf16", kind="trainer")
     add("1gpu/sft/bf16", kind="sft")
@@ -108,6 +109,8 @@ def gate_paths() -> list[dict]:
     for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv"):
         add(f"pp2/{schedule}/bf16", pp_schedule=schedule, **pp)
     add("pp2/1f1b-compile/bf16", pp_schedule="1f1b", compile=True, **{**pp, "tol": COMPILED_FIRST_STEP, "steps": 1})
+    for schedule in ("1f1b", "zbv"):  # fp16: the loss scaled through the schedule, found-inf shared by the stages
+        add(f"pp2/{schedule}/fp16", pp_schedule=schedule, precision="fp16", **{**pp, "ref": "1gpu/accum4/fp16"})
     return paths
 
 

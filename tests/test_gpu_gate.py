@@ -24,6 +24,7 @@ def test_the_paths_cover_every_recipe_schedule_and_reference():
         assert {f"1gpu/{recipe}/bf16", f"1gpu/{recipe}/fp16"} <= set(names), recipe
     for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv", "1f1b-compile"):
         assert f"pp2/{schedule}/bf16" in names
+    assert {"pp2/1f1b/fp16", "pp2/zbv/fp16"} <= set(names)
     two = {p["name"] for p in paths if p["gpus"] == 2}
     assert {"2gpu/cpu-offload/bf16", "2gpu/compile-chunked-ac/bf16", "2gpu/trainer/bf16", "2gpu/sft/bf16"} <= two
     assert {p["tol"] for p in paths if p["ref"] and p["name"].endswith("fp32")} == {1e-4}

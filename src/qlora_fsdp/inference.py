@@ -87,10 +87,11 @@ def dense_weights(model: nn.Module, min_free_bytes: int | None = None, merge: bo
             module._parameters[name] = w
 
 
-def load_adapted(adapter: str | os.PathLike, model: str | None = None, *, dense: bool = False, dtype: str = "bf16",
-                 device: str | None = None):  # fmt: skip
+def load_adapted(adapter: str | os.PathLike, model: str | None = None, *, dense: bool = False,
+                 dtype: str | None = None, device: str | None = None):  # fmt: skip
     """(peft model, tokenizer): the base (`model`, default the adapter's base_model_name_or_path) loaded in NF4
-    (dense 16-bit with `dense`: for merging) with the trained adapter of directory `adapter` on it."""
+    (dense 16-bit with `dense`: for merging) with the trained adapter of directory `adapter` on it; `dtype` "bf16",
+    "fp16" or "fp32", default load_model's (bf16 where the device has it, else fp16)."""
     import json
 
     import peft
@@ -104,7 +105,7 @@ def load_adapted(adapter: str | os.PathLike, model: str | None = None, *, dense:
         raise ModelLoadError(f"{path} holds no adapter_config.json: pass the adapter directory of a run "
                              "(e.g. runs/qlora/adapter)")  # fmt: skip
     base = model or json.loads(config_file.read_text()).get("base_model_name_or_path") or EMBEDDED
-    nf4_model = load_model(base, dtype=DTYPES[dtype], device=device)
+    nf4_model = load_model(base, dtype=DTYPES[dtype] if dtype else None, device=device)
     if dense:
         dequantize_model(nf4_model)
     adapted = peft.PeftModel.from_pretrained(nf4_model, path)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .gguf import GGUFError, gguf_checkpoint
+from .gpu import has_bf16
 from .nf4 import NF4FormatError, nf4_from_state_dict, quantize_nf4
 from .nf4.bnb import QUANT_STATE_SUFFIX
 from .nf4.tensor import NF4Tensor
@@ -196,15 +197,17 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
 def load_model(
     name_or_path: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
     blocksize: int = 64,
 ):
-    """Load a causal LM with NF4 decoder linears (see the module docstring). `device` defaults to CUDA if present."""
+    """Load a causal LM with NF4 decoder linears (see the module docstring). `device` defaults to CUDA if present;
+    `dtype` (of the 16-bit weights and the compute) to bf16 where the device has it, else fp16 (a T4)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if has_bf16(device) else torch.float16)
     path = resolve_model_dir(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)

@@ -166,13 +166,14 @@ def test_patched_mlp_falls_back_where_it_does_not_apply(monkeypatch):
 
 
 def test_a_rank_the_gpu_cannot_fit_takes_the_unfused_path(monkeypatch):
-    """On a T4 (faked: every device answers sm75) fp32 LoRA fits the fused kernels up to rank 32: rank 8 takes them,
-    rank 64 the projections' own path (no error), with the same loss as unpatched."""
+    """On a T4 (faked: every device answers sm75) rank 8 takes the fused kernels; rank 32, which fits their shared
+    memory in fp32 there but is past the FMA roofline (rank_product.FMA_MAX_PADDED_RANK), and rank 64, which does not
+    fit, take the projections' own path (no error), with the same loss as unpatched."""
     import qlora_fsdp.kernels.lora_add as la
 
     monkeypatch.setattr(rank_product, "cuda_capability", lambda device: (7, 5))
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-    for r, fused in ((8, True), (64, False)):
+    for r, fused in ((8, True), (32, False), (64, False)):
         want = tiny_lora_llama(r=r)(input_ids=ids, labels=ids).loss
         model = tiny_lora_llama(r=r)
         assert patch_lora_swiglu(model) == 2

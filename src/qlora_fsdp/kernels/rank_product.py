@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from ..gpu import cuda_capability
 from ..nf4.linear import compute_dtype
 from ..nf4.triton_dequant import HAS_TRITON, kernel_for, triton_interpreting
 
@@ -136,16 +137,6 @@ def check_fused_rank_for(r: int, dtype: torch.dtype, capability: tuple[int, int]
                          f"use --lora-r {top} or less")  # fmt: skip
 
 
-def cuda_capability(device: torch.device | str) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device; None for any other device. No cache of its own: compiled layers call it, and
-    Dynamo must see the same answer on every pass of its analysis."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(device)  # constant-folded by Dynamo (get_device_capability is not)
-    return props.major, props.minor
-
-
 def check_fused_rank(r: int, dtype: torch.dtype, device: torch.device | str) -> None:
     """check_fused_rank_for the GPU of `device`; nothing for CPU tensors (Triton's interpreter has no such limit)."""
     capability = cuda_capability(device)
@@ -159,9 +150,25 @@ def fused_rank_fits(r: int, dtype: torch.dtype, device: torch.device | str) -> b
     return capability is None or r <= max_fused_rank(dtype, capability)
 
 
+# GPUs where Triton's tl.dot runs as FMA, without tensor cores (Triton 3.x on sm75: "Dot op using MMA for compute
+# capability 75 has been deprecated"), and the largest padded rank for which the fused kernels stay memory-bound
+# there. Roofline of a T4 (320 GB/s, 8.1 TFLOP/s of fp32 FMA: ridge at 25 FLOP/byte): lora_add reads and writes
+# the (T, N) output, 4 bytes an element in 16-bit, for 2 RP FLOPs: RP / 2 FLOP/byte; the SwiGLU kernel reads two
+# (T, I) inputs and writes one (6 bytes) for 4 RP FLOPs: 0.67 RP. At RP 16 that is 8 and 10.7 FLOP/byte, under
+# half the ridge (FMA loops reach about half their peak), so the fused kernels keep their saving: the (T, N)
+# product never written and read back. From RP 32 the SwiGLU kernel nears the ridge and cuBLAS's tensor cores win.
+# A decision by the roofline: no T4 was at hand to measure.
+FMA_DOT_BELOW = (8, 0)
+FMA_MAX_PADDED_RANK = 16
+
+
 def takes_fused(x: torch.Tensor, rank: int) -> bool:
-    """Whether LoRA layers of `rank` take the fused kernels for the input x: its device is in FUSE_DEVICES and the
-    rank fits the GPU in the compute dtype (autocast's, else x's); a larger rank takes the unfused path."""
+    """Whether LoRA layers of `rank` take the fused kernels for the input x: its device is in FUSE_DEVICES, the
+    rank fits the GPU in the compute dtype (autocast's, else x's), and on GPUs whose tl.dot is FMA (FMA_DOT_BELOW)
+    the padded rank is at most FMA_MAX_PADDED_RANK; otherwise the unfused path (cuBLAS) runs."""
     if x.device.type not in FUSE_DEVICES:
+        return False
+    capability = cuda_capability(x.device)
+    if capability is not None and capability < FMA_DOT_BELOW and padded_rank(rank) > FMA_MAX_PADDED_RANK:
         return False
     return fused_rank_fits(rank, compute_dtype(x), x.device)

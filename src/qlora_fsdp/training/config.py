@@ -18,6 +18,21 @@ class TrainError(ValueError):
     """A training setup that cannot run; the message names the fix."""
 
 
+def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, str | None]:
+    """(bf16 | fp16 | fp32, the line that says why, for auto) on `device`; TrainError for bf16 on a GPU without it.
+    auto: bf16 where the device computes in it (gpu.has_bf16: CUDA sm80 on, CPUs), else fp16."""
+    from ..gpu import describe, has_bf16
+
+    bf16 = has_bf16(device)
+    if precision == "bf16" and not bf16:
+        raise TrainError(f"--precision bf16: {describe(device)} has no bf16: use --precision fp16 (or auto)")
+    if precision != "auto":
+        return precision, None
+    chosen = "bf16" if bf16 else "fp16"
+    why = "has bf16" if bf16 else "has no bf16; fp16 with a gradient scaler"
+    return chosen, f"precision: {chosen} (auto: {describe(device)} {why}; --precision to choose)"
+
+
 def option(default, help: str, choices: tuple | None = None):
     """A TrainConfig field with its --help text (and the values it takes): the CLI builds its options from these."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -60,8 +75,8 @@ class TrainConfig:
     epochs: float = option(1.0, "passes over the training data (when --max-steps is 0)")
     grad_accum: int = option(1, "batches per optimizer step (per process)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0: no clipping")
-    precision: str = option("bf16", "compute precision (fp16 with a gradient scaler; T4s have no bf16)",
-                            tuple(PRECISIONS))  # fmt: skip
+    precision: str = option("auto", "compute precision (fp16 with a gradient scaler); auto: bf16 where the GPU has "
+                            "it (sm80 on), else fp16 (a T4)", ("auto", *PRECISIONS))  # fmt: skip
     activation_checkpointing: bool = option(False, "recompute each decoder layer in backward: less memory")
     ac_keep_layers: int = option(0, "with checkpointing: the last N layers keep their activations (faster)")
     offload_activations: bool = option(False, "with checkpointing: the layers' inputs wait in pinned host memory "
@@ -151,8 +166,6 @@ class TrainConfig:
 
         if self.nproc > 1 and self.nproc % self.pp:
             raise TrainError(f"--nproc {self.nproc} is not a multiple of --pp {self.pp}: the ranks form pp x dp")
-        if self.precision == "fp16":
-            raise TrainError("--precision fp16 with --pp: the fp16 overflow check does not span stages; use bf16")
         if self.packing:
             raise TrainError("--packing with --pp: a pipeline needs padded batches of one shape; drop --packing")
         if self.compile and self.pp_schedule in ZERO_BUBBLE:

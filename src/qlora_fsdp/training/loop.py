@@ -29,7 +29,7 @@ import torch
 
 from ..parallel.fsdp import set_accumulating
 from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_checkpoints
-from .config import PRECISIONS, TrainConfig, TrainError
+from .config import PRECISIONS, TrainConfig, TrainError, resolve_precision
 from .lr_schedule import warmup_cosine
 from .rng import rng_state, seed_everything, set_rng_state
 from .setup import prepare
@@ -67,10 +67,13 @@ class TrainLoop:
                              "qlora_fsdp.training.make_loop(cfg)")  # fmt: skip
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = PRECISIONS[cfg.precision]
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
         self.rank, self.world = _rank_and_world()
+        cfg.precision, note = resolve_precision(cfg.precision, self.device)  # auto -> bf16 or fp16, for all parts
+        if note and self.rank == 0:
+            print(note)
+        self.dtype = PRECISIONS[cfg.precision]
         self.held_out_examples = None  # untokenized held-out examples, where the loop built its own batches
         if train_batches is None:  # data first: a wrong path or field fails before a big model loads
             from .batches import build_batches, load_tokenizer

@@ -10,6 +10,10 @@ of 8 (cfg.max_length where the batches cannot tell).
 The loss of a microbatch is its token cross-entropy sum x D / (label tokens of the whole step), so the step equals
 one process running all the batches (FSDP2 averages over D). Gradient clipping takes the norm over all stages:
 each rank's squared norm (already summed over dp by DTensor) is summed over the pp group.
+
+fp16: the loss function also multiplies by the gradient scaler's scale (the schedule runs backward itself), and
+the scaler's found-inf flags are reduced over every rank after unscaling: an overflow in any stage's gradients
+skips the step on all stages, and every rank's scaler backs off alike.
 """
 
 from __future__ import annotations
@@ -77,12 +81,18 @@ class PipelineTrainLoop(TrainLoop):
     # -- one optimizer step -------------------------------------------------------------------------------
     def _forward_backward(self, batches: list[dict], n_tokens: int) -> torch.Tensor:
         """The replica's batches through the schedule; the step's loss over all replicas (fp64, CPU)."""
-        d = self.replicas
-        self.prepared.pipeline_loss.scale = d / n_tokens
-        return self._sum_over_ranks(self._run(self._block(batches[self.replica :: d]))) / d
+        d, loss_scale = self.replicas, 1.0
+        if self.scaler.is_enabled():  # scale() also creates the scaler's scale tensor on first use (unscale_ needs it)
+            loss_scale = float(self.scaler.scale(torch.ones((), device=self.device)))
+        self.prepared.pipeline_loss.scale = d / n_tokens * loss_scale
+        return self._sum_over_ranks(self._run(self._block(batches[self.replica :: d]))) / (d * loss_scale)
 
     def _clip_gradients(self) -> float:
-        """Clip all stages' gradients to cfg.max_grad_norm by their joint norm; returns that norm."""
+        """Unscale (fp16: found-inf shared by all ranks) and clip all stages' gradients to cfg.max_grad_norm by
+        their joint norm; returns that norm."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+            self._share_found_inf()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if hasattr(norm, "full_tensor"):  # DTensor: the norm over the dp shards
@@ -93,6 +103,17 @@ class PipelineTrainLoop(TrainLoop):
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.max_grad_norm, total.to(norm.dtype))
         return float(total)
+
+    def _share_found_inf(self) -> None:
+        """Every rank's found-inf flags (set by unscale_) become their maximum over all ranks, in place: where one
+        stage overflowed, scaler.step skips the step everywhere and scaler.update lowers every rank's scale."""
+        flags = self.scaler._found_inf_per_device(self.optimizer)  # {device: fp32 scalar}, read by step and update
+        anywhere = torch.zeros((), device=self.device)
+        for flag in flags.values():
+            anywhere = torch.maximum(anywhere, flag.to(self.device).reshape(()))
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+        for flag in flags.values():
+            flag.copy_(anywhere.to(flag.device).reshape(flag.shape))
 
     def _eval_loss_sum(self, batch: dict) -> torch.Tensor | None:
         """One held-out batch through the stages in turn, forward only (no schedule: torch's `schedule.eval` runs
