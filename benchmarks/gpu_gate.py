@@ -344,9 +344,10 @@ def main() -> int:
 
     results = {x["name"]: merge(x, out, x["gpus"]) for x in runnable}
     env = {**environment(), "gpus": gpus, "bench": "gpu_gate", "layers": args.layers, "seq": args.seq,
-           "config": args.config}  # fmt: skip
+           "config": args.config, "emulated_capability": os.environ.get("QLORA_FSDP_CUDA_CAPABILITY")}  # fmt: skip
     rows, passed = [], 0
-    print(f"\n{env['gpu']} x {gpus}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
+    emulated = f" (emulating sm{env['emulated_capability']})" if env["emulated_capability"] else ""
+    print(f"\n{env['gpu']} x {gpus}{emulated}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
           f"Llama-3.1-8B widths, {args.layers} layers, 1 x {args.seq} a batch, {args.steps} steps, r=16")  # fmt: skip
     for path in paths:
         if path["name"] in skipped:

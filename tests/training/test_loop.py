@@ -83,7 +83,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def test_bad_config_errors(tmp_path):
-    with pytest.raises(TrainError, match="choose one of bf16, fp16, fp32"):
+    with pytest.raises(TrainError, match="choose one of auto, bf16, fp16, fp32"):
         TrainConfig(precision="fp8").validate()
     batches = [collate(synthetic_examples()[:4])]
     with pytest.raises(TrainError, match="match no layer"):
