@@ -11,6 +11,8 @@ folder. Kinds:
              adapter (subprocesses, as a user runs them)
     generate greedy generation speed of the real model (generate_speed.py): NF4 dequantized once must give the
              tokens of NF4 dequantized per token, within 1.5x of the dense model's time
+    t4       the 2x T4 recipe (t4_recipe.py): a checkpoint of ctx["checkpoints"] loaded by load_model under the
+             worker's memory cap, trained with --precision auto and activation checkpointing
 A path whose "model" is "real" loads ctx["real_model"] (a pretrained checkpoint) instead of a random model.
 """
 
@@ -187,6 +189,28 @@ def run_cli(path: dict, ctx: dict) -> dict:
                     f"export --merge loads ({seconds:.0f} s train)"}  # fmt: skip
 
 
+def run_t4(path: dict, ctx: dict) -> dict:
+    """The T4 recipe on one checkpoint: load (timed, host and GPU peaks), then --steps steps of the copy task."""
+    from t4_recipe import host_peak_gb
+
+    from qlora_fsdp.model import load_model
+    from qlora_fsdp.training import make_loop
+    from qlora_fsdp.training.batches import FixedBatches
+
+    start = time.perf_counter()
+    model = load_model(ctx["checkpoints"][path["model"]], device=ctx["device"])  # dtype: fp16 where no bf16
+    load_s, host_gb, load_gpu_gb = time.perf_counter() - start, host_peak_gb(), _peak_gb(ctx["device"])
+    cfg = _train_config(path, ctx, ctx["scratch"] / "run", activation_checkpointing=True)
+    batches = copy_task_batches(ctx["steps"] * cfg.grad_accum * ctx["world"], ctx["seq"], model.config.vocab_size)
+    loop = make_loop(cfg, model=model, train_batches=FixedBatches(batches))
+    if ctx["device"].startswith("cuda") and cfg.precision != "fp16":
+        raise RuntimeError(f"--precision auto chose {cfg.precision} on an emulated T4 (expected fp16)")
+    records = [r for r in loop.train() if "loss" in r]
+    return {"losses": [r["loss"] for r in records], "tokens_per_s": _steady_tokens_per_s(records),
+            "note": f"{cfg.precision}; load {load_s:.0f} s, host peak {host_gb:.1f} GB, GPU peak after load "
+                    f"{load_gpu_gb:.1f} GB"}  # fmt: skip
+
+
 def run_generate(path: dict, ctx: dict) -> dict:
     """generate_speed.measure on the real model: NF4 once vs per token (same tokens) and vs dense (within 1.5x)."""
     from generate_speed import measure
@@ -204,7 +228,7 @@ def run_generate(path: dict, ctx: dict) -> dict:
 
 
 RUNNERS = {"loop": run_loop, "resume": run_resume, "trainer": run_trainer, "sft": run_trainer, "cli": run_cli,
-           "generate": run_generate}  # fmt: skip
+           "generate": run_generate, "t4": run_t4}  # fmt: skip
 
 
 def run_path(path: dict, ctx: dict) -> dict:

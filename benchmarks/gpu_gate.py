@@ -1,7 +1,7 @@
 """The GPU gate: every user-facing path on GPUs, one PASS/FAIL line each, in one command.
 
     python benchmarks/gpu_gate.py [--layers 4] [--seq 2048] [--steps 6] [--only REGEX] [--config llama-3.1-8b|tiny]
-                                  [--real-model SmolLM2-135M-Instruct.Q4_1.gguf]
+                                  [--real-model SmolLM2-135M-Instruct.Q4_1.gguf] [--emulate t4]
 
 The model has the Llama-3.1-8B layer widths (hidden 4,096, MLP 14,336, 32 / 8 heads, vocabulary 128,256: every
 kernel runs at its real size) with --layers decoder layers of random NF4 weights; LoRA r=16 on all 7 projections;
@@ -16,6 +16,8 @@ batches of 1 x --seq tokens of a copy task (gate_runs.py). Paths:
     2 GPUs     --nproc 2: bf16, fp16 and fp32 (FSDP2 mixed precision), CPU offload, checkpointing, 2-step
                accumulation, compile + chunked loss + checkpointing, Trainer and SFTTrainer with shard_for_trainer;
                --nproc 2 --pp 2: every schedule, 1F1B with --compile, 1F1B and ZBV in fp16
+    --emulate t4: instead of all of the above, the 2x T4 recipe on 8B-shape checkpoints under a 15 GB cap per process,
+               the package told every GPU is sm75 (t4_recipe.py)
 Checks: every loss finite; where a path promises equality, its per-step losses against its reference's: 2 GPUs vs 1
 (same global batch) over the first 5 steps within 1e-3 relative in bf16 / fp16 and 1e-4 in fp32, the pipeline
 schedules within 1e-3, resume against the uninterrupted run, compiled against eager on the first step within 1e-2.
@@ -147,6 +149,10 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
     if on_gpu:
         torch.cuda.set_device(gpu + rank)
     device = f"cuda:{gpu + rank}" if on_gpu else "cpu"
+    if on_gpu and args.get("emulate") == "t4":
+        from t4_recipe import cap_memory
+
+        cap_memory(device)
     if world > 1:
         import datetime
 
@@ -155,7 +161,8 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))  # fmt: skip
         dist.init_process_group("cuda:nccl,cpu:gloo" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=300))
-    ctx = {"seq": args["seq"], "steps": args["steps"], "device": device, "rank": rank, "world": world}
+    ctx = {"seq": args["seq"], "steps": args["steps"], "device": device, "rank": rank, "world": world,
+           "checkpoints": args.get("checkpoints")}  # fmt: skip
     for path in paths:
         idx = path["index"]
         (out / f"{idx}.started").write_text(str(time.time()))
@@ -290,9 +297,12 @@ def merge(path: dict, out: Path, world: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 32 with --emulate t4)")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=None, help="steps a path (default 6; 20 with --emulate t4)")
+    p.add_argument("--emulate", choices=["t4"], default=None, help="run the 2x T4 recipe emulated (t4_recipe.py)")
+    p.add_argument("--t4-dir", default=str(Path(tempfile.gettempdir()) / "qlora_t4_checkpoints"),
+                   help="where --emulate t4 writes its two checkpoints (about 22 GB at 32 layers)")
     p.add_argument("--only", default="", help="run the paths whose names match this regular expression (and their refs)")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--cpu", action="store_true", help="a smoke test of the script on CPU processes (gloo)")
@@ -302,15 +312,28 @@ def main() -> int:
     p.add_argument("--phases", action="store_true", help="the 2-GPU paths after the 1-GPU ones (tokens/s of a GPU "
                    "alone; about 9 minutes on 2 H200s instead of 5-6)")  # fmt: skip
     args = p.parse_args()
+    args.layers = args.layers or (32 if args.emulate else 4)
+    args.steps = args.steps or (20 if args.emulate else 6)
     gpus = torch.cuda.device_count() if not args.cpu else 2
-    paths = gate_paths()
+    checkpoints = None
+    if args.emulate == "t4":
+        from t4_recipe import CAPABILITY, t4_paths, write_checkpoints
+
+        os.environ["QLORA_FSDP_CUDA_CAPABILITY"] = CAPABILITY  # the spawned workers import the package with it
+        start = time.perf_counter()
+        checkpoints = write_checkpoints(model_config(args.config, args.layers), Path(args.t4_dir),
+                                        device="cpu" if args.cpu else "cuda:0")  # fmt: skip
+        print(f"[gate] T4 checkpoints in {args.t4_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
+        paths = t4_paths()
+    else:
+        paths = gate_paths()
     for i, path in enumerate(paths):
         path["index"] = i
     if args.only:
         wanted = {x["name"] for x in paths if re.search(args.only, x["name"])}
         wanted |= {x["ref"] for x in paths if x["name"] in wanted and x["ref"]}
         paths = [x for x in paths if x["name"] in wanted]
-    elif args.cpu:  # what runs fast on CPU processes
+    elif args.cpu and not args.emulate:  # what runs fast on CPU processes
         paths = [x for x in paths if x["kind"] in ("loop", "resume") and not x["options"].get("compile")
                  and x["precision"] != "fp16"]  # fmt: skip
     real = ""
@@ -323,11 +346,11 @@ def main() -> int:
     runnable = [x for x in paths if x["name"] not in skipped]
     out = Path(tempfile.mkdtemp(prefix="gpu_gate-"))
     wargs = {"config": args.config, "layers": args.layers, "seq": args.seq, "steps": args.steps, "cpu": args.cpu,
-             "real_model": real}  # fmt: skip
+             "real_model": real, "emulate": args.emulate, "checkpoints": checkpoints}  # fmt: skip
     start = time.perf_counter()
     one = [x for x in runnable if x["gpus"] == 1]
     workers = max(1, min(gpus, 2, len(one)))
-    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] in ("cli", "generate") else 1  # noqa: E731
+    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] in ("cli", "generate", "t4") else 1  # noqa: E731
     shares: list[list[dict]] = [[] for _ in range(workers)]
     for x in sorted(one, key=weight, reverse=True):  # heaviest first onto the lightest worker
         min(shares, key=lambda s: sum(map(weight, s))).append(x)

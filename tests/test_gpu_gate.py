@@ -58,3 +58,17 @@ def test_a_cpu_run_passes_its_checks(tmp_path):
                                                         "2gpu/smollm2-widths/bf16", "1gpu/smollm2-real/fp32",
                                                         "2gpu/smollm2-real/fp32"}  # fmt: skip
     assert all(r["passed"] for r in rows if "path" in r)
+
+
+@pytest.mark.timeout(300)
+def test_the_t4_emulation_runs_on_cpu(tmp_path):
+    """--emulate t4 on CPU processes (gloo), a tiny config: it writes the 16-bit and the bnb-4bit checkpoint of one
+    random model, loads each through load_model, and 2 ranks on either equal 1 rank on the bnb-4bit one."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--emulate", "t4",
+                           "--config", "tiny", "--layers", "2", "--seq", "64", "--steps", "3",
+                           "--t4-dir", str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          env={**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}, timeout=280)  # fmt: skip
+    assert proc.returncode == 0 and "gate: 3/3 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    config = json.loads((tmp_path / "ckpt" / "bnb4" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert "host peak" in proc.stdout
