@@ -191,14 +191,15 @@ def run_cli(path: dict, ctx: dict) -> dict:
 
 def run_t4(path: dict, ctx: dict) -> dict:
     """The T4 recipe on one checkpoint: load (timed, host and GPU peaks), then --steps steps of the copy task."""
-    from t4_recipe import host_peak_gb
+    from t4_recipe import AnonymousPeak, host_peak_gb
 
     from qlora_fsdp.model import load_model
     from qlora_fsdp.training import make_loop
     from qlora_fsdp.training.batches import FixedBatches
 
     start = time.perf_counter()
-    model = load_model(ctx["checkpoints"][path["model"]], device=ctx["device"])  # dtype: fp16 where no bf16
+    with AnonymousPeak() as anon:
+        model = load_model(ctx["checkpoints"][path["model"]], device=ctx["device"])  # dtype: fp16 where no bf16
     load_s, host_gb, load_gpu_gb = time.perf_counter() - start, host_peak_gb(), _peak_gb(ctx["device"])
     cfg = _train_config(path, ctx, ctx["scratch"] / "run", activation_checkpointing=True)
     batches = copy_task_batches(ctx["steps"] * cfg.grad_accum * ctx["world"], ctx["seq"], model.config.vocab_size)
@@ -207,8 +208,8 @@ def run_t4(path: dict, ctx: dict) -> dict:
         raise RuntimeError(f"--precision auto chose {cfg.precision} on an emulated T4 (expected fp16)")
     records = [r for r in loop.train() if "loss" in r]
     return {"losses": [r["loss"] for r in records], "tokens_per_s": _steady_tokens_per_s(records),
-            "note": f"{cfg.precision}; load {load_s:.0f} s, host peak {host_gb:.1f} GB, GPU peak after load "
-                    f"{load_gpu_gb:.1f} GB"}  # fmt: skip
+            "note": f"{cfg.precision}; load {load_s:.0f} s, host peak {anon.gb:.1f} GB anonymous ({host_gb:.1f} GB "
+                    f"with mapped files), GPU peak after load {load_gpu_gb:.1f} GB"}  # fmt: skip
 
 
 def run_generate(path: dict, ctx: dict) -> dict:

@@ -44,6 +44,41 @@ def cap_memory(device: str) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GB * 1e9 / total), device)
 
 
+class AnonymousPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: what it holds itself, page cache of mapped
+    checkpoint files excluded) while the block runs, sampled every `every` seconds by a thread; `.gb` after it."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.gb, self._stop = every, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _rss_anon_gb() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+        except OSError:
+            pass
+        return float("nan")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.gb = max(self.gb, self._rss_anon_gb())
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.gb = max(self.gb, self._rss_anon_gb())
+
+
 def host_peak_gb() -> float:
     """This process's peak resident memory so far: VmHWM of /proc/self/status (the pages of memory-mapped checkpoint
     files it touched included). Not ru_maxrss: a spawned process inherits its parent's (the gate's, which wrote the

@@ -71,4 +71,4 @@ def test_the_t4_emulation_runs_on_cpu(tmp_path):
     assert proc.returncode == 0 and "gate: 3/3 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
     config = json.loads((tmp_path / "ckpt" / "bnb4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
-    assert "host peak" in proc.stdout
+    assert "GB anonymous" in proc.stdout  # the host peak while loading, page cache of mapped files apart
