@@ -111,3 +111,22 @@ def copy_task_batches(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]
         labels[:, : seq // 2] = -100
         out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def lora_step_flops_per_token(config, seq: int, lora_r: int = 16) -> float:
+    """Model FLOPs of one QLoRA training token (no weight gradient for the frozen base; recomputation not counted):
+
+        4 N              N = parameters of the base matmuls (decoder linears + lm_head): 2N forward, 2N for the
+                         input gradients
+        6 L T q          attention scores and values: 4 T q a layer forward, twice that backward, halved by the
+                         causal mask (T = seq, q = heads x head dim)
+        6 r (in + out)   per LoRA linear: forward, input gradient and weight gradient of A and B
+    """
+    d, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    q = config.num_attention_heads * head_dim
+    linears = [(d, q), (d, kv), (d, kv), (q, d), (d, inter), (d, inter), (inter, d)]  # (in, out) of each layer
+    n_base = layers * sum(i * o for i, o in linears) + d * config.vocab_size
+    lora = layers * sum(6 * lora_r * (i + o) for i, o in linears)
+    return 4 * n_base + 6 * layers * seq * q + lora
