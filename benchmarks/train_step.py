@@ -16,11 +16,14 @@ projections (peft), activation checkpointing, SDPA, AdamW, bf16 autocast, labels
 + `AdamW.step()`, what `Trainer` does per step.
 
 Per system and batch x sequence: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated over the timed steps,
-model included), the ratio to the baseline, and model-FLOPs utilisation:
+model included), the ratio to the baseline, and model-FLOPs utilisation from the FLOPs a LoRA step needs
+(common.lora_step_flops_per_token: no weight gradient for the frozen base):
 
-    FLOPs/token = 6 * N + 6 * L * T * d     N = parameters of the matmuls (decoder linears + lm_head)
-                                            6*L*T*d = causal attention (QK^T and PV), forward + backward
-    MFU = FLOPs/token * tokens/s / 989 TFLOP/s (H100/H200 dense bf16)
+    FLOPs/token = 4 N + 6 L T q + 6 r (in + out) per LoRA linear     N = parameters of the base matmuls
+    MFU         = FLOPs/token * tokens/s / 989 TFLOP/s (H100/H200 dense bf16 peak)
+    of dense    = the same over the ~790 TFLOP/s that dense bf16 matmuls reach on an H200 (device notes)
+
+The old figure, 6 N + 6 L T d as for full finetuning, is kept beside it as `mfu_6n` (it overstates a LoRA step).
 
 --longest finds the longest sequence at batch 1 that fits, per system (doubling from --longest-start, then
 bisection to 1024, within --longest-budget-s); --fits 399360 tries one step at each given batch-1 length.
@@ -40,12 +43,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, environment  # noqa: E402
+from common import append_results, environment, lora_step_flops_per_token  # noqa: E402
 
 from qlora_fsdp.model import quantizable_linears, random_model  # noqa: E402
 from qlora_fsdp.parallel.sizing import llama_3_1_8b_config  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16
+DENSE_MATMUL_FLOPS = 790e12  # what large dense bf16 matmuls reach on an H200 (the device tool's H200 notes)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script with --config tiny
 
 
@@ -70,7 +74,8 @@ def tiny_config():
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536)  # fmt: skip
 
 
-def flops_per_token(config, seq: int) -> float:
+def full_finetune_flops_per_token(config, seq: int) -> float:
+    """6N + 6LTd: a full finetuning step's FLOPs, which overstate a LoRA step's (kept as `mfu_6n`)."""
     model_params = config.num_hidden_layers * (
         config.hidden_size * (config.hidden_size + 2 * config.num_key_value_heads * config.head_dim)  # q, k, v
         + config.num_attention_heads * config.head_dim * config.hidden_size  # o
@@ -197,7 +202,9 @@ def time_shape(step, config, b, t, warmup, iters) -> dict:
         return {"oom": True}
     tok_s = b * t / seconds
     return {"tokens_per_s": tok_s, "step_s": seconds, "peak_gb": peak_gb(),
-            "mfu": flops_per_token(config, t) * tok_s / PEAK_FLOPS, "loss": loss}  # fmt: skip
+            "mfu": lora_step_flops_per_token(config, t) * tok_s / PEAK_FLOPS,
+            "of_dense": lora_step_flops_per_token(config, t) * tok_s / DENSE_MATMUL_FLOPS,
+            "mfu_6n": full_finetune_flops_per_token(config, t) * tok_s / PEAK_FLOPS, "loss": loss}  # fmt: skip
 
 
 def fits(step, config, t) -> bool:
@@ -280,7 +287,8 @@ def main() -> None:
     print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
           f"{env['gpu']}, torch {env['torch']}")  # fmt: skip
     width = max([18] + [len(r["system"]) + 2 for r in rows])
-    print(f"{'system':<{width}}{'shape':>10}{'tokens/s':>11}{'x base':>8}{'peak GB':>9}{'x base':>8}{'MFU':>7}")
+    print(f"{'system':<{width}}{'shape':>10}{'tokens/s':>11}{'x base':>8}{'peak GB':>9}{'x base':>8}{'MFU':>7}"
+          f"{'of dense':>9}{'6N MFU':>8}")  # fmt: skip
     for r in rows:
         if "batch" not in r:
             continue
@@ -292,7 +300,7 @@ def main() -> None:
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
         mem = f"{r['peak_gb'] / ref['peak_gb']:.2f}" if ref else "-"
         print(f"{r['system']:<{width}}{shape:>10}{r['tokens_per_s']:>11,.0f}{speed:>8}{r['peak_gb']:>9.1f}{mem:>8}"
-              f"{r['mfu']:>7.1%}")  # fmt: skip
+              f"{r['mfu']:>7.1%}{r['of_dense']:>9.1%}{r['mfu_6n']:>8.1%}")  # fmt: skip
     eager = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "ours" and "tokens_per_s" in r}
     for r in rows:
         e = eager.get((r.get("batch"), r.get("seq")))
