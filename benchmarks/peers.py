@@ -1,0 +1,351 @@
+"""Side by side with what users pick instead: one device run, every system on the same checkpoint, LoRA and batches.
+
+    python benchmarks/peers.py [--systems hf_peft_bnb,hf_peft_bnb_noac,...] [--shapes 1x2048,4x2048,1x8192]
+                               [--longest] [--check-imports] [--config tiny]
+
+The model: Llama-3.1-8B's shape with random weights, written once as a bnb-4bit checkpoint (and a 16-bit one for the
+systems that quantize themselves; t4_recipe.write_checkpoints). Every system: LoRA r=16, alpha 32, dropout 0 on
+all 7 projections, AdamW lr 1e-4, bf16, labels on every token, the same random batch per shape; each run the way
+its documentation recommends for speed:
+
+    hf_peft_bnb         transformers + peft + bitsandbytes (the bnb-4bit checkpoint through from_pretrained),
+                        non-reentrant activation checkpointing, SDPA
+    hf_peft_bnb_noac    the same without checkpointing
+    hf_peft_bnb_liger   hf_peft_bnb + Liger-Kernel (`apply_liger_kernel_to_llama`: RoPE, RMSNorm, SwiGLU, fused
+                        linear cross-entropy)
+    unsloth             Unsloth's FastLanguageModel on the bnb-4bit checkpoint, use_gradient_checkpointing="unsloth"
+    torchtune           torchtune's qlora_llama3_1_8b (torchao NF4 from the 16-bit weights), activation
+                        checkpointing, chunked cross-entropy, torch.compile (its QLoRA recipe's speed settings)
+    ours_fastest        load_model + the loop: --compile --chunked-loss --keep-dequantized, no checkpointing
+    ours_ac             --compile --chunked-loss --activation-checkpointing
+    ours_leanest        ours_ac + --offload-activations --embedding-on-cpu
+
+Each system runs in its own process (Unsloth and Liger patch transformers for the whole process). A system that
+cannot be imported or run is reported with its exact error, and the others go on. Per system and shape: tokens/s,
+peak GPU memory, and the loss after the same steps: losses that disagree by more than --loss-tol with
+hf_peft_bnb's void the comparison (different math is not a speedup). --longest: the longest batch-1 sequence
+(train_step.longest). Rows go to results.jsonl (bench "peers"); benchmarks/pareto.py draws them.
+
+A system's extra packages (carried as wheels: unsloth needs other transformers/trl/datasets versions than the rest)
+come first on its PYTHONPATH from $QLORA_PEERS_SITE_<SYSTEM> (e.g. QLORA_PEERS_SITE_UNSLOTH=/tmp/site_unsloth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPORTS = {"hf_peft_bnb": ["bitsandbytes", "peft"], "hf_peft_bnb_noac": ["bitsandbytes", "peft"],
+           "hf_peft_bnb_liger": ["bitsandbytes", "peft", "liger_kernel"], "unsloth": ["unsloth"],
+           "torchtune": ["torchtune", "torchao"], "ours_fastest": [], "ours_ac": [], "ours_leanest": []}  # fmt: skip
+
+
+def manual_step(params, loss_of, autocast: bool = True):
+    """A step as Trainer does it: forward (under bf16 autocast), backward, AdamW, zero_grad -> `step(batch) -> loss`."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(batch):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def _hf_loss(model):
+    def loss_of(batch):
+        return model(input_ids=batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE), use_cache=False).loss
+
+    return loss_of
+
+
+def hf_peft_bnb(dirs, *, checkpointing=True, liger=False):
+    import peft
+    import transformers
+
+    if liger:  # before the model is built: its classes are patched
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(dirs["bnb4"], dtype=torch.bfloat16, device_map={"": 0}
+                                                              if DEVICE == "cuda" else None, attn_implementation="sdpa")  # fmt: skip
+    # not peft.prepare_model_for_kbit_training: its fp32 copies of the norms, embedding and lm_head would cost this
+    # baseline memory and speed (train_step.hf_bnb's setup, with which earlier tables were measured)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
+                                                       task_type="CAUSAL_LM"))  # fmt: skip
+    model.train()
+    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model))
+
+
+def unsloth(dirs, max_seq: int):
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=dirs["bnb4"], max_seq_length=max_seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=True)  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                             target_modules=LINEARS, use_gradient_checkpointing="unsloth",
+                                             random_state=0, max_seq_length=max_seq)  # fmt: skip
+    model.train()
+    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model))
+
+
+def torchtune_qlora(dirs, config, max_seq: int):
+    from safetensors.torch import load_file
+    from torchtune import training
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.llama3 import lora_llama3
+    from torchtune.modules import TransformerSelfAttentionLayer
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    # qlora_llama3_1_8b's model for any config: torchtune's Llama 3 QLoRA builder (quantize_base) with the checkpoint's
+    # plain RoPE (the shape has no Llama 3.1 frequency scaling), NF4 from torchao
+    with training.set_default_dtype(torch.bfloat16), torch.device(DEVICE):
+        model = lora_llama3(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+                            apply_lora_to_output=False, vocab_size=config.vocab_size,
+                            num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                            num_kv_heads=config.num_key_value_heads, embed_dim=config.hidden_size,
+                            max_seq_len=max_seq, intermediate_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
+                            rope_base=rope_theta(config), lora_rank=16, lora_alpha=32, lora_dropout=0.0,
+                            quantize_base=True)  # fmt: skip
+    index = json.loads((Path(dirs["16bit"]) / "model.safetensors.index.json").read_text())
+    state = {}
+    for file in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(Path(dirs["16bit"]) / file), device=DEVICE))
+    model.load_state_dict(hf_to_tune(state, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                                     dim=config.hidden_size), strict=False)  # fmt: skip
+    del state
+    set_trainable_params(model, get_adapter_params(model))
+    training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    training.compile_model(model)
+    loss_fn = training.compile_loss(loss_fn)
+
+    def loss_of(batch):
+        ids, labels = batch["input_ids"].to(DEVICE), batch["labels"].to(DEVICE)
+        logits = model(ids)  # a list of chunks
+        labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], -100)))  # shifted as in its recipe
+        return loss_fn(logits, labels)
+
+    return manual_step([p for p in model.parameters() if p.requires_grad], loss_of, autocast=False)  # bf16 weights, as its recipe
+
+
+def rope_theta(config) -> float:
+    """RoPE's base of a transformers config (transformers 5 keeps it in rope_parameters)."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 10000.0)
+
+
+def ours(dirs, compile_backend: str = "inductor", **options):
+    from qlora_fsdp.model import load_model
+    from qlora_fsdp.training import TrainConfig, TrainLoop
+    from train_step import Repeat
+
+    model = load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE)
+    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                      lr=1e-4, warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE, compile=True,
+                      chunked_loss=True, compile_backend=compile_backend, **options)  # fmt: skip
+    loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
+
+    def step(batch):
+        loop.batches, loop._stream = Repeat(batch), None
+        return loop.train_step()["loss"]
+
+    return step
+
+
+def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "inductor"):
+    if name.startswith("hf_peft_bnb"):
+        return hf_peft_bnb(dirs, checkpointing=name != "hf_peft_bnb_noac", liger=name == "hf_peft_bnb_liger")
+    if name == "unsloth":
+        return unsloth(dirs, max_seq)
+    if name == "torchtune":
+        return torchtune_qlora(dirs, config, max_seq)
+    options = {"ours_fastest": {"keep_dequantized": True},
+               "ours_ac": {"activation_checkpointing": True},
+               "ours_leanest": {"activation_checkpointing": True, "offload_activations": True,
+                                "embedding_on_cpu": True}}  # fmt: skip
+    if name not in options:
+        raise SystemExit(f"peers.py: unknown system {name!r}; known: {', '.join(IMPORTS)}")
+    return ours(dirs, compile_backend=compile_backend, **options[name])
+
+
+# -- one system, in its own process ------------------------------------------------------------------------------
+def run_one(args) -> list[dict]:
+    from train_step import free_memory, longest, time_shape
+
+    config = model_config(args.config)
+    shapes = parse_shapes(args.shapes)
+    start = time.perf_counter()
+    step = build(args.one, json.loads(args.dirs), config, max(t for _, t in shapes), args.compile_backend)
+    rows = [{"system": args.one, "setup_s": time.perf_counter() - start}]
+    for b, t in shapes:
+        rows.append({"system": args.one, "batch": b, "seq": t, **time_shape(step, config, b, t, args.warmup, args.iters)})
+        free_memory()
+    if args.longest:
+        rows.append({"system": args.one, "longest_seq_batch1": longest(step, config, args.longest_start,
+                                                                       args.longest_cap, args.longest_budget_s)})  # fmt: skip
+    return rows
+
+
+def model_config(name: str):
+    from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
+    from train_step import tiny_config
+
+    return llama_3_1_8b_config() if name == "llama-3.1-8b" else tiny_config()
+
+
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in s.split("x")) for s in filter(None, spec.split(","))]
+
+
+def check_imports(names: list[str]) -> dict[str, str]:
+    """system -> "ok" or the first import error, each in a fresh process with the system's PYTHONPATH."""
+    out = {}
+    for name in names:
+        code = "; ".join(f"import {m}" for m in IMPORTS[name]) or "pass"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=system_env(name))
+        out[name] = "ok" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return out
+
+
+def system_env(name: str) -> dict:
+    env = dict(os.environ)
+    site = os.environ.get(f"QLORA_PEERS_SITE_{name.upper()}")
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH", "")]))
+    return env
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--systems", default=",".join(IMPORTS))
+    p.add_argument("--shapes", default="1x2048,4x2048,1x8192")
+    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "qlora_peers_checkpoints"))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--loss-tol", type=float, default=1e-2, help="relative; against hf_peft_bnb at the same shape")
+    p.add_argument("--longest", action="store_true")
+    p.add_argument("--longest-start", type=int, default=8192)
+    p.add_argument("--longest-cap", type=int, default=262144)
+    p.add_argument("--longest-budget-s", type=float, default=120)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per system")
+    p.add_argument("--compile-backend", default="inductor", help="ours' (eager: a quick CPU smoke test)")
+    p.add_argument("--check-imports", action="store_true", help="only say which systems import here")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system, print JSON rows
+    p.add_argument("--dirs", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        try:
+            rows = run_one(args)
+        except Exception as e:  # noqa: BLE001 - reported as the system's result
+            rows = [{"system": args.one, "error": f"{type(e).__name__}: {e}"[:2000], "trace": traceback.format_exc()[-4000:]}]
+        print("PEERS_JSON " + json.dumps(rows), flush=True)
+        return
+    names = args.systems.split(",")
+    unknown = [n for n in names if n not in IMPORTS]
+    if unknown:
+        raise SystemExit(f"peers.py: unknown system(s) {unknown}; known: {', '.join(IMPORTS)}")
+    imports = check_imports(names)
+    for name, status in imports.items():
+        print(f"import {name}: {status}", flush=True)
+    if args.check_imports:
+        return
+    from common import append_results, environment
+    from t4_recipe import write_checkpoints
+
+    config = model_config(args.config)
+    start = time.perf_counter()
+    dirs = write_checkpoints(config, Path(args.checkpoints), device=DEVICE)
+    _tokenizer_into(dirs)
+    print(f"checkpoints in {args.checkpoints} ({time.perf_counter() - start:.0f} s)", flush=True)
+    env = environment()
+    results = []
+    for name in names:
+        if imports[name] != "ok":
+            rows = [{"system": name, "error": f"import failed: {imports[name]}"}]
+        else:
+            rows = _run_system(name, args, dirs)
+        for r in rows:
+            print(r if "trace" not in r else {k: v for k, v in r.items() if k != "trace"}, flush=True)
+        append_results([{**env, "bench": "peers", "config": args.config, **r} for r in rows])
+        results += rows
+    print_table(results, args.loss_tol)
+
+
+def _run_system(name: str, args, dirs: dict) -> list[dict]:
+    cmd = [sys.executable, __file__, "--one", name, "--dirs", json.dumps(dirs), "--config", args.config, "--shapes",
+           args.shapes, "--warmup", str(args.warmup), "--iters", str(args.iters), "--compile-backend",
+           args.compile_backend]  # fmt: skip
+    if args.longest:
+        cmd += ["--longest", "--longest-start", str(args.longest_start), "--longest-cap", str(args.longest_cap),
+                "--longest-budget-s", str(args.longest_budget_s)]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=system_env(name), timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return [{"system": name, "error": f"no result within --timeout {args.timeout:.0f} s"}]
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEERS_JSON "):
+            return json.loads(line.removeprefix("PEERS_JSON "))
+    return [{"system": name, "error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
+             "trace": proc.stderr[-4000:]}]  # fmt: skip
+
+
+def _tokenizer_into(dirs: dict) -> None:
+    """The embedded model's tokenizer files beside each checkpoint (systems that load one with the model)."""
+    import shutil
+
+    from qlora_fsdp.model import embedded_model_dir
+
+    for d in dirs.values():
+        for f in embedded_model_dir().glob("*token*"):
+            if f.is_file() and not (Path(d) / f.name).exists():
+                shutil.copy(f, Path(d) / f.name)
+
+
+def print_table(rows: list[dict], tol: float) -> None:
+    ref = {(r["batch"], r["seq"]): r for r in rows if r["system"] == "hf_peft_bnb" and "tokens_per_s" in r}
+    print(f"\n{'system':<20}{'shape':>9}{'tokens/s':>10}{'peak GB':>9}{'loss':>9}  vs hf_peft_bnb")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['system']:<20}  not run: {r['error'][:150]}")
+        elif "batch" in r:
+            shape = f"{r['batch']}x{r['seq']}"
+            if r.get("oom"):
+                print(f"{r['system']:<20}{shape:>9}{'OOM':>10}")
+                continue
+            base = ref.get((r["batch"], r["seq"]))
+            note = ""
+            if base:
+                rel = abs(r["loss"] - base["loss"]) / abs(base["loss"])
+                note = (f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s at {r['peak_gb'] / base['peak_gb']:.2f}x "
+                        f"memory; loss {'agrees' if rel <= tol else 'DISAGREES'} ({rel:.1e})")  # fmt: skip
+            print(f"{r['system']:<20}{shape:>9}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}{r['loss']:>9.4f}  {note}")
+        elif "longest_seq_batch1" in r:
+            print(f"{r['system']:<20}  longest batch-1 sequence {r['longest_seq_batch1']:,} tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""benchmarks/pareto.py: the Pareto front against a brute-force definition, row selection, and a drawn PNG."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import pareto  # noqa: E402
+
+
+def test_front_is_exactly_the_points_nothing_dominates():
+    rng = random.Random(1)
+    for _ in range(100):
+        pts = {f"s{i}": (rng.randint(1, 20), rng.randint(1, 20)) for i in range(rng.randint(1, 9))}
+        dominated = {a for a, b in itertools.permutations(pts, 2)
+                     if pts[b][0] <= pts[a][0] and pts[b][1] >= pts[a][1] and pts[b] != pts[a]}  # fmt: skip
+        front = pareto.pareto_front(pts)
+        assert set(front) == set(pts) - dominated
+        assert [pts[n][0] for n in front] == sorted(pts[n][0] for n in front)
+
+
+def _row(commit, system, batch, seq, tok_s, peak, date="2026-11-30T00:00:00", gpu="NVIDIA H200"):
+    return {"bench": "peers", "commit": commit, "gpu": gpu, "date": date, "system": system, "batch": batch,
+            "seq": seq, "tokens_per_s": tok_s, "peak_gb": peak}  # fmt: skip
+
+
+def test_points_come_from_the_newest_commit_and_the_newest_row(tmp_path):
+    rows = [_row("old", "hf", 1, 2048, 1.0, 10.0, date="2026-11-01T00:00:00"),
+            _row("new", "hf", 1, 2048, 2.0, 10.0, date="2026-11-02T00:00:00"),
+            _row("new", "hf", 1, 2048, 3.0, 11.0, date="2026-11-03T00:00:00"),
+            _row("new", "ours", 1, 2048, 9.0, 8.0, date="2026-11-03T00:00:00"),
+            {**_row("new", "ours", 4, 2048, 0.0, 0.0), "oom": True},
+            {"bench": "train_step", "commit": "new", "system": "x"}]  # fmt: skip
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    points, commit, gpu = pareto.load_points(path, "peers")
+    assert commit == "new" and gpu == "NVIDIA H200"
+    assert points == {(1, 2048): {"hf": (11.0, 3.0), "ours": (8.0, 9.0)}}
+    assert pareto.load_points(path, "peers", commit="old")[0] == {(1, 2048): {"hf": (10.0, 1.0)}}
+    with pytest.raises(SystemExit, match="no 'peers' rows at commit nope"):
+        pareto.load_points(path, "peers", commit="nope")
+
+
+def test_draw_writes_a_png(tmp_path):
+    out = pareto.draw({(1, 2048): {"hf": (10.0, 3.0), "ours": (8.0, 9.0)}, (4, 2048): {"hf": (20.0, 5.0)}},
+                      "title", tmp_path / "p.png")  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
