@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Puts beside the checkout what a GPU gate run carries to a device machine that reaches no package index:
+#   .whl/    the wheels the gate needs that the device image lacks (trl, datasets and theirs, gguf), the versions
+#            of this checkout's .venv
+#   .real1/ .real2/   the pretrained SmolLM2-135M-Instruct GGUF (--real-model) in two halves under the 64 MiB a call
+#            carries, and its sha256 (from the cache tests/real fills; run `pytest -m real` first if it is empty)
+# All three are ignored through .git/info/exclude. Then, in two calls made back to back (the machine stays warm):
+#   carry [".real1"]:          cp .real1/part /tmp/part1
+#   carry [".real2", ".whl"]:  cat /tmp/part1 .real2/part > /tmp/m.gguf && echo "$(cat .real2/sha256)  /tmp/m.gguf" |
+#                              sha256sum -c && pip install --target /tmp/site .whl/*.whl ... gpu_gate.py --real-model /tmp/m.gguf
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for d in .whl .real1 .real2; do
+    grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
+done
+version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+mkdir -p .whl
+specs=()
+for name in trl datasets dill multiprocess gguf; do specs+=("$name==$(version $name)"); done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${specs[@]}"
+gguf=${QLORA_FSDP_CACHE:-$HOME/.cache/qlora_fsdp}/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+    echo "prepare_device_carry: $gguf not found: run '.venv/bin/python -m pytest -m real' once to fetch it" >&2
+    exit 1
+fi
+mkdir -p .real1 .real2
+half=50000000
+head -c $half "$gguf" > .real1/part
+tail -c +$((half + 1)) "$gguf" > .real2/part
+sha256sum "$gguf" | cut -d' ' -f1 > .real2/sha256
+ls -l .whl .real1 .real2
