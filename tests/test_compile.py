@@ -68,18 +68,18 @@ def test_sequence_lengths_do_not_recompile(tmp_path):
 @pytest.mark.parametrize("precision, rtol, extra", [("fp32", 0, {}), ("bf16", 1e-2, {}),
                                                     ("fp32", 0, {"lora_dropout": 0.1, "activation_checkpointing": True})])  # fmt: skip
 def test_embedded_default_compiled_equals_eager(tmp_path, precision, rtol, extra):
-    """10 steps of the embedded default (its data, lr 3e-3, batch 16), eager vs compiled (aot_eager): in fp32 bit for
+    """6 steps of the embedded default (its data, lr 3e-3, batch 8), eager vs compiled (aot_eager): in fp32 bit for
     bit, so a short curve decides as well as a long one."""
     def run(out, **kw):
-        cfg = TrainConfig(output_dir=str(out), max_steps=10, lr=3e-3, batch_size=16, warmup_steps=5, lora_r=16,
+        cfg = TrainConfig(output_dir=str(out), max_steps=6, lr=3e-3, batch_size=8, warmup_steps=3, lora_r=16,
                           lora_alpha=32, precision=precision, group_by_length=False, progress=False, device="cpu",
-                          eval_every=5, **extra, **kw)  # fmt: skip
+                          eval_every=3, **extra, **kw)  # fmt: skip
         records = TrainLoop(cfg).train()
         return torch.tensor([r["loss"] for r in records if "loss" in r]), torch.tensor([r["eval_loss"] for r in records if "eval_loss" in r])  # fmt: skip
 
     eager, eager_eval = run(tmp_path / "eager")
     compiled, compiled_eval = run(tmp_path / "compiled", compile=True, compile_backend="aot_eager")
-    assert len(eager) == 10 and compile_counts()["graph_breaks"] == 0
+    assert len(eager) == 6 and compile_counts()["graph_breaks"] == 0
     torch.testing.assert_close(compiled, eager, rtol=rtol, atol=0)  # fp32: bit for bit
     torch.testing.assert_close(compiled_eval, eager_eval, rtol=rtol, atol=0)
 

@@ -14,7 +14,7 @@ from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from qlora_fsdp.training import TrainConfig, TrainLoop
 from tests.training.test_loop import ListBatches, collate, synthetic_examples
 
-STEPS = 20
+STEPS = 8  # every curve below: warmup, decay, a checkpoint at step 3 and a resume from it
 # on a machine with 2+ GPUs the same tests run over NCCL, one GPU a rank; elsewhere over gloo on the CPU
 ON_GPUS = torch.cuda.device_count() >= 2
 
@@ -108,8 +108,8 @@ OPTIONS = {
 }
 
 
-# on 4 ranks: every option off, and all of them on at once
-FOUR_RANKS = {"4 ranks": {}, "4 ranks, bf16 + offload + checkpointing": {
+# on 4 ranks: all the options at once (fp32 with none: the Qwen2.5-0.5B widths below, on 4 ranks as well)
+FOUR_RANKS = {"4 ranks, bf16 + offload + checkpointing": {
     "precision": "bf16", "fsdp_mixed_precision": True, "cpu_offload": True, "activation_checkpointing": True}}
 
 
@@ -270,7 +270,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all(tmp_path):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("saved_on, resumed_on", [(4, 2), (2, 4)])
+@pytest.mark.parametrize("saved_on, resumed_on", [(4, 2)])  # fewer to more ranks: 1 -> 2 below
 def test_checkpoint_resumes_on_another_number_of_ranks(tmp_path, saved_on, resumed_on):
     """A run saved (DCP) on `saved_on` ranks and resumed on `resumed_on` follows the one-process curve."""
     if ON_GPUS and max(saved_on, resumed_on) > torch.cuda.device_count():

@@ -99,6 +99,7 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
     import peft
 
     from qlora_fsdp.cli import main
+    from qlora_fsdp.inference import dense_weights
     from qlora_fsdp.training import TrainConfig
     from qlora_fsdp.training.batches import data_sources
 
@@ -107,16 +108,18 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert main(["train", "--model", str(smollm2_dir), "--dataset", str(tmp_path / "task.jsonl"), "--eval-fraction", "0.2",
-                 "--max-steps", "20", "--warmup-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--max-length", "64",
+                 "--max-steps", "10", "--warmup-steps", "1", "--batch-size", "8", "--lr", "2e-3", "--max-length", "64",
                  "--precision", "fp32", "--device", "cpu", "--output-dir", str(out)]) == 0  # fmt: skip
     print(capsys.readouterr().out)
     result = json.loads((out / "eval.json").read_text())
     assert result["examples"] == 24 and result["group_by"] == "kind"
-    assert result["exact_match_trained"] >= result["exact_match_untrained"] + 0.25, result  # 0% -> 54% when written
+    assert result["exact_match_trained"] >= result["exact_match_untrained"] + 0.25, result  # 0% -> 50% when written
     held_out = data_sources(TrainConfig(dataset=str(tmp_path / "task.jsonl"), eval_fraction=0.2))[1]
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     adapted = peft.PeftModel.from_pretrained(load_model(smollm2_dir, dtype=torch.float32, device="cpu"), out / "adapter")
-    ours = greedy_answers(adapted, tok, held_out["prompt"])
+    with dense_weights(adapted) as dense:  # the base dequantized once; the adapter stays peft's own modules
+        assert dense
+        ours = greedy_answers(adapted, tok, held_out["prompt"])
     assert sum(a == r.strip() for a, r in zip(ours, held_out["completion"])) / len(ours) == result["exact_match_trained"]
     assert main(["export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), "--merge", "--dtype",
                  "fp32", "--device", "cpu"]) == 0  # fmt: skip
