@@ -4,13 +4,18 @@
 #            of this checkout's .venv
 #   .real1/ .real2/   the pretrained SmolLM2-135M-Instruct GGUF (--real-model) in two halves under the 64 MiB a call
 #            carries, and its sha256 (from the cache tests/real fills; run `pytest -m real` first if it is empty)
-# All three are ignored through .git/info/exclude. Then, in two calls made back to back (the machine stays warm):
+#   with `peers`, also benchmarks/peers.py's systems, in two folders under the 64 MiB a call carries:
+#   .whl_peers_a/  bitsandbytes, Liger-Kernel, torchtune 0.6.1 with torchao 0.13 (0.18 lost torchao.dtypes.nf4tensor,
+#                  which torchtune 0.6.1 imports), torchdata, omegaconf and antlr4's source archive (no wheel)
+#   .whl_peers_b/  Unsloth with the versions it pins (transformers <= 5.17, trl <= 1.15, datasets < 5): installed into
+#                  a folder of its own and named by QLORA_PEERS_SITE_UNSLOTH, so the other systems keep the image's
+# All are ignored through .git/info/exclude. Then, in two calls made back to back (the machine stays warm):
 #   carry [".real1"]:          cp .real1/part /tmp/part1
 #   carry [".real2", ".whl"]:  cat /tmp/part1 .real2/part > /tmp/m.gguf && echo "$(cat .real2/sha256)  /tmp/m.gguf" |
 #                              sha256sum -c && pip install --target /tmp/site .whl/*.whl ... gpu_gate.py --real-model /tmp/m.gguf
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for d in .whl .real1 .real2; do
+for d in .whl .real1 .real2 .whl_peers_a .whl_peers_b; do
     grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
 done
 version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
@@ -31,3 +36,14 @@ head -c $half "$gguf" > .real1/part
 tail -c +$((half + 1)) "$gguf" > .real2/part
 sha256sum "$gguf" | cut -d' ' -f1 > .real2/sha256
 ls -l .whl .real1 .real2
+if [ "${1:-}" = peers ]; then
+    get() { dir=$1; shift; python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dir" "$@"; }
+    get .whl_peers_a bitsandbytes==0.50.2 liger-kernel==0.8.5 torchtune==0.6.1 torchao==0.13.0 torchdata==0.11.0 \
+        omegaconf==2.3.0
+    python3 -m pip download -q --no-deps --no-binary=:all: -d .whl_peers_a antlr4-python3-runtime==4.9.3
+    get .whl_peers_b unsloth==2026.10.9 unsloth-zoo==2026.10.9 transformers==5.17.0 trl==1.15.0 datasets==4.8.4 \
+        torchao==0.13.0 tyro cut-cross-entropy msgspec hf-transfer diffusers docstring-parser typeguard shtab
+    du -sh .whl_peers_a .whl_peers_b
+fi
