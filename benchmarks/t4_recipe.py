@@ -56,13 +56,8 @@ class AnonymousPeak:
 
     @staticmethod
     def _rss_anon_gb() -> float:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024 / 1e9
-        except OSError:
-            pass
-        return float("nan")
+        gb = proc_status_gb("RssAnon")
+        return float("nan") if gb is None else gb
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -83,13 +78,20 @@ def host_peak_gb() -> float:
     """This process's peak resident memory so far: VmHWM of /proc/self/status (the pages of memory-mapped checkpoint
     files it touched included). Not ru_maxrss: a spawned process inherits its parent's (the gate's, which wrote the
     checkpoints) across fork and exec."""
+    gb = proc_status_gb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 if gb is None else gb  # None: not Linux
+
+
+def proc_status_gb(key: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (`key`, e.g. RssAnon or VmHWM, in kB there) in GB;
+    None where the file or the key is missing (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # not Linux
+    return None
 
 
 def _tensors(config, device: str):
