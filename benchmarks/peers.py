@@ -158,21 +158,13 @@ def rope_theta(config) -> float:
 
 
 def ours(dirs, compile_backend: str = "inductor", **options):
+    """train_step.ours (the loop's train_step, compiled, chunked loss) on the bnb-4bit checkpoint."""
+    import train_step
     from qlora_fsdp.model import load_model
-    from qlora_fsdp.training import TrainConfig, TrainLoop
-    from train_step import Repeat
 
     model = load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE)
-    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                      lr=1e-4, warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE, compile=True,
-                      chunked_loss=True, compile_backend=compile_backend, **options)  # fmt: skip
-    loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
-
-    def step(batch):
-        loop.batches, loop._stream = Repeat(batch), None
-        return loop.train_step()["loss"]
-
-    return step
+    return train_step.ours(None, None, compile=True, chunked=True, model=model, compile_backend=compile_backend,
+                           **options)  # fmt: skip
 
 
 def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "inductor"):
@@ -182,7 +174,7 @@ def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "i
         return unsloth(dirs, max_seq)
     if name == "torchtune":
         return torchtune_qlora(dirs, config, max_seq)
-    options = {"ours_fastest": {"keep_dequantized": True},
+    options = {"ours_fastest": {"keep_dequantized": True, "activation_checkpointing": False},
                "ours_ac": {"activation_checkpointing": True},
                "ours_leanest": {"activation_checkpointing": True, "offload_activations": True,
                                 "embedding_on_cpu": True}}  # fmt: skip

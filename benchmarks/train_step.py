@@ -97,12 +97,13 @@ class Repeat:
         yield self.batch
 
 
-def ours(config, args, compile=False, chunked=False, **options):
-    """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile); `options`:
-    more TrainConfig fields."""
+def ours(config, args, compile=False, chunked=False, model=None, **options):
+    """Our TrainLoop.train_step on an NF4 model (eager, or with compile_model: regional torch.compile): `model`, or a
+    random one of `config`; `options`: more TrainConfig fields."""
     from qlora_fsdp.training import TrainConfig, TrainLoop
 
-    model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
+    if model is None:
+        model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
     options = {"activation_checkpointing": True, "compile": compile, "chunked_loss": chunked, **options}
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lr=1e-4,
                       warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE, **options)  # fmt: skip
