@@ -5,10 +5,12 @@
 
 Each variant builds the Llama-3.1-8B shape (random weights) in its own processes, runs `--warmup` steps of QLoRA
 (r=16 on all 7 projections, activation checkpointing, --precision, optionally --compile and --chunked-loss,
-1 x --seq a microbatch; one GPU accumulates --gpus microbatches, so the global batch is the same), then `--steps`
-steps under torch.profiler. Per rank it reports:
+1 x --seq a microbatch; one GPU accumulates --gpus microbatches, so the global batch is the same), times
+`--timed-steps` steps, then runs `--steps` steps under torch.profiler. Per rank it reports:
 
-    wall            step time (host clock, the GPU drained at both ends)
+    wall            step time of the timed steps (host clock, the GPU drained at both ends; the profiler, which
+                    adds host time to every op, off); tokens/s come from it
+    profiled        step time under the profiler: the times below are its shares
     compute         GPU time with at least one compute kernel running (the union of their intervals)
     comm            GPU time with an NCCL kernel running; `exposed` = comm while no compute kernel runs
     copies          GPU time of memcpy / memset (host <-> device with CPU offload)
@@ -17,7 +19,8 @@ steps under torch.profiler. Per rank it reports:
     top host ops    rank 0's host ops with the most self time
 
 Variants: 2gpu (what `--nproc 2` runs), 1gpu, 2gpu-offload (`--cpu-offload`), 2gpu-keep (decoder layers not
-resharded after forward: backward gathers nothing again).
+resharded after forward: backward gathers nothing again), 1gpu-dispatch and 2gpu-dispatch (the fused LoRA kernels
+launched through the `torch.ops` dispatcher in eager mode, as before kernels/rank_product.py launches_directly).
 
 The 2x T4 projection (no T4 here: every input is stated) takes the measured bytes a rank receives a step over a
 PCIe link of --pcie-gbs GB/s, and the step's LoRA FLOPs (4N + attention + LoRA per token; x1.5 for the forward
@@ -142,6 +145,10 @@ def _worker(rank, world, port, args, variant, out):
     if variant == "2gpu-keep":  # layers keep their gathered 4-bit bytes from forward to backward
         keep = parallel.apply_fsdp
         parallel.apply_fsdp = lambda model, **kw: keep(model, **{**kw, "reshard_after_forward": False})
+    if variant.endswith("-dispatch"):  # the fused LoRA ops through torch.ops even in plain eager CUDA code
+        from qlora_fsdp.kernels import rank_product
+
+        rank_product.launches_directly = lambda t: False
     config = model_config(args.config)
     if args.layers:
         config.num_hidden_layers = args.layers
@@ -149,10 +156,10 @@ def _worker(rank, world, port, args, variant, out):
     model = random_model(config, dtype=dtype, device=device, seed=0)
     steps = args.steps
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision=args.precision, activation_checkpointing=True, lora_r=16,
-                      lora_alpha=32, lr=2e-4, warmup_steps=2, max_steps=args.warmup + steps, grad_accum=args.gpus // world,
+                      lora_alpha=32, lr=2e-4, warmup_steps=2, max_steps=args.warmup + args.timed_steps + steps, grad_accum=args.gpus // world,
                       batch_size=1, max_length=args.seq, cpu_offload=variant.endswith("offload"), progress=False,
                       device=device, seed=0, compile=args.compile, chunked_loss=args.chunked_loss)  # fmt: skip
-    batches = copy_task_batches((args.warmup + steps) * args.gpus, args.seq, config.vocab_size)
+    batches = copy_task_batches((args.warmup + args.timed_steps + steps) * args.gpus, args.seq, config.vocab_size)
     loop = make_loop(cfg, model=model, train_batches=FixedBatches(batches))
     loop.model.train()
     losses = [loop.train_step()["loss"] for _ in range(args.warmup)]
@@ -160,6 +167,10 @@ def _worker(rank, world, port, args, variant, out):
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses += [loop.train_step()["loss"] for _ in range(args.timed_steps)]
+    sync()
+    timed_ms = (time.perf_counter() - start) * 1e3 / max(1, args.timed_steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with CollectiveBytes() as coll, profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -169,10 +180,13 @@ def _worker(rank, world, port, args, variant, out):
     device_type = torch.autograd.DeviceType.CUDA
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == device_type]
     result = {"variant": variant, "rank": rank, "world": world, "losses": losses, **timeline_summary(kernels, wall_us, steps),
+              "profiled_wall_ms": wall_us / 1e3 / steps, "timed_steps": args.timed_steps,
               "allgather_bytes": coll.bytes["all_gather"] / steps,
               "reduce_scatter_bytes": coll.bytes["reduce_scatter"] / steps,
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
               "tokens_per_step": args.gpus * args.seq}  # fmt: skip
+    if args.timed_steps:
+        result["wall_ms"] = timed_ms
     host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     result["top_host_ops_ms"] = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in host]
     torch.save(result, out / f"rank{rank}.pt")
@@ -203,7 +217,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="compiled decoder layers (--compile)")
     p.add_argument("--chunked-loss", action="store_true")
     p.add_argument("--warmup", type=int, default=2, help="steps before the profiled ones (with --compile: 3 or more)")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--timed-steps", type=int, default=3, help="steps timed without the profiler (tokens/s)")
+    p.add_argument("--steps", type=int, default=2, help="steps under the profiler")
     p.add_argument("--pcie-gbs", type=float, default=10.0, help="assumed T4-to-T4 bandwidth, GB/s, one direction")
     p.add_argument("--t4-tflops", type=float, default=25.0, help="assumed fp16 matmul rate a T4 reaches, TFLOP/s")
     p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
@@ -214,7 +229,7 @@ def main() -> None:
     env = {**environment(), "gpus": args.gpus}
     results = {}
     for variant in args.variants.split(","):
-        world = 1 if variant == "1gpu" else args.gpus
+        world = 1 if variant.startswith("1gpu") else args.gpus
         t0 = time.perf_counter()
         out = spawn(_worker, world, args, variant)
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
@@ -227,7 +242,7 @@ def main() -> None:
         append_results([{**env, **row}])
         print(f"{variant}: {row['tokens_per_s']:,.0f} tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
         for r in ranks:
-            print(f"  rank {r['rank']}: wall {r['wall_ms']:.1f} ms a step | compute {r['compute_ms']:.1f} | comm "
+            print(f"  rank {r['rank']}: wall {r['wall_ms']:.1f} ms a step (profiled {r['profiled_wall_ms']:.1f}) | compute {r['compute_ms']:.1f} | comm "
                   f"{r['comm_ms']:.1f} (exposed {r['exposed_comm_ms']:.1f}) | copies {r['copy_ms']:.1f} | idle "
                   f"{r['idle_ms']:.1f} | {r['kernels_per_step']:.0f} kernels | all-gather "
                   f"{r['allgather_bytes'] / 1e9:.2f} GB, reduce-scatter {r['reduce_scatter_bytes'] / 1e9:.3f} GB | "

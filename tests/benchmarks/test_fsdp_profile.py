@@ -87,7 +87,7 @@ def test_the_script_runs_on_cpu_processes(tmp_path):
     """The 2-rank variant end to end on gloo (its losses against one process: tests/parallel)."""
     env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_profile.py"), "--cpu", "--config", "tiny",
-                           "--seq", "32", "--warmup", "1", "--steps", "1", "--variants", "2gpu"],
+                           "--seq", "32", "--warmup", "1", "--timed-steps", "1", "--steps", "1", "--variants", "2gpu"],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -95,4 +95,5 @@ def test_the_script_runs_on_cpu_processes(tmp_path):
     ranks = rows[0]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["losses"] == ranks[1]["losses"]
     assert ranks[0]["allgather_bytes"] > 0 and ranks[0]["reduce_scatter_bytes"] > 0  # FSDP2's collectives, counted
-    assert ranks[0]["wall_ms"] > 0 and ranks[0]["kernels_per_step"] == 0  # no device: no kernels
+    assert len(ranks[0]["losses"]) == 3  # warmup, timed, profiled
+    assert ranks[0]["wall_ms"] > 0 and ranks[0]["profiled_wall_ms"] > 0 and ranks[0]["kernels_per_step"] == 0  # no device

@@ -44,6 +44,42 @@ def test_kernel_equals_its_pytorch_reference():
     torch.testing.assert_close(la.lora_add_op(base, h, w), la.lora_add_reference(base, h, w), rtol=1e-6, atol=1e-6)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_launch_equals_the_op(monkeypatch, dtype):
+    """In plain eager CUDA code LoraAddFunction launches the kernel itself, not through torch.ops
+    (rank_product.launches_directly); here both ways on the test's device (on CPU the direct launch is forced, in
+    Triton's interpreter): the same output and gradients to the bit, and only one way reaches the dispatcher."""
+    results = []
+    for direct in (False, True):
+        monkeypatch.setattr(rank_product, "launches_directly", lambda t, direct=direct: direct)
+        ops = []
+        op = torch.ops.qlora_fsdp.lora_add
+        monkeypatch.setattr(torch.ops.qlora_fsdp, "lora_add", lambda *a, op=op, ops=ops: ops.append(1) or op(*a))
+        args = [a.requires_grad_() for a in inputs((3, 37), 130, 24, dtype)]
+        y = la.lora_add(*args)
+        y.backward(torch.ones_like(y))
+        assert len(ops) == (0 if direct else 1)
+        results.append([y, *(a.grad for a in args)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_only_plain_eager_cuda_tensors_launch_directly():
+    """CPU tensors, fake tensors and anything under torch.compile take the op (what Dynamo and AOTAutograd trace)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not rank_product.launches_directly(torch.ones(2))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.ones(2))
+    assert not rank_product.launches_directly(fake)
+    if torch.cuda.is_available():
+        assert rank_product.launches_directly(torch.ones(2, device="cuda"))
+        assert not rank_product.launches_directly(torch.ones(2, device="cuda", dtype=torch.float64))
+        assert not torch.compile(rank_product.launches_directly, backend="eager", fullgraph=True)(
+            torch.ones(2, device="cuda"))
+
+
 def test_shapes_that_do_not_fit_are_one_line_errors():
     base, h, w = inputs((4,), 32, 8, torch.float32)
     with pytest.raises(ValueError, match="lora_add: base \\(..., N\\)"):

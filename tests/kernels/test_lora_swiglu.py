@@ -94,6 +94,34 @@ def test_kernels_equal_their_pytorch_references():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("down_a", [False, True])
+def test_direct_launch_equals_the_op(monkeypatch, down_a):
+    """The SwiGLU Functions launch their kernel directly in plain eager CUDA code (rank_product.launches_directly),
+    forward and backward; both ways on the test's device (forced on CPU, in Triton's interpreter): the same outputs
+    and gradients to the bit, the dispatcher reached only without it."""
+    results = []
+    for direct in (False, True):
+        monkeypatch.setattr(rank_product, "launches_directly", lambda t, direct=direct: direct)
+        ops = []
+        for name in ("lora_swiglu", "lora_swiglu_backward"):
+            op = getattr(torch.ops.qlora_fsdp, name)
+            monkeypatch.setattr(torch.ops.qlora_fsdp, name, lambda *a, op=op, ops=ops: ops.append(1) or op(*a))
+        args = [a.requires_grad_() for a in inputs(37, 130, 24, torch.bfloat16)]
+        if down_a:
+            a_down = (torch.randn(8, 130, generator=torch.Generator().manual_seed(5)) * 0.3).to(DEVICE, torch.bfloat16)
+            a_down.requires_grad_()
+            outs = ls.lora_swiglu_down_a(*args, a_down)
+            args.append(a_down)
+        else:
+            outs = (ls.lora_swiglu(*args),)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        assert len(ops) == (0 if direct else 2)
+        results.append([*outs, *(a.grad for a in args)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_shapes_that_do_not_fit_are_one_line_errors():
     args = inputs(4, 32, 8, torch.float32)
     args[4] = args[4][:, :4]
@@ -187,12 +215,19 @@ def test_a_rank_the_gpu_cannot_fit_takes_the_unfused_path(monkeypatch):
 
 def test_the_rank_check_traces_into_a_full_graph(monkeypatch):
     """The rank check runs inside compiled layers (fullgraph) on a GPU's tensors: it traces without a break, and it
-    keeps no cache (seen on an H200: a capability cache that the op's fake run filled while Dynamo traced the layer
-    made Dynamo's second pass take another branch, 'SpeculationLog diverged')."""
+    never reads the cache eager calls keep (seen twice on an H200: a cache that the op's fake run filled while Dynamo
+    traced the layer made Dynamo's second pass take another branch, 'SpeculationLog diverged')."""
     import types
+
+    class NoReads:
+        def __contains__(self, key):
+            raise AssertionError("compiled code read the eager cache of max_fused_rank")
+
+        __getitem__ = __setitem__ = __contains__
 
     t4 = types.SimpleNamespace(major=7, minor=5, name="Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: t4)  # a T4 as device 0
+    monkeypatch.setattr(rank_product, "_MAX_FUSED_RANK", NoReads())
     gpu = torch.device("cuda", 0)
     torch._dynamo.reset()
     try:

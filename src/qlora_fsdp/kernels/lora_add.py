@@ -80,11 +80,18 @@ def lora_add_op(base: Tensor, h: Tensor, w: Tensor) -> Tensor:
     return lora_add_reference(base, h, w)
 
 
+def _lora_add_fused(base: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """lora_add_op: its kernel launched directly in plain eager CUDA code (rank_product.launches_directly)."""
+    if rank_product.launches_directly(base):
+        return _launch(_lora_add_kernel, base, h, w)
+    return torch.ops.qlora_fsdp.lora_add(base, h, w)
+
+
 class LoraAddFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base: Tensor, h: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(h, w)
-        return torch.ops.qlora_fsdp.lora_add(base, h, w)
+        return _lora_add_fused(base, h, w)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -163,16 +163,31 @@ def lora_swiglu_backward_op(base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tens
     return lora_swiglu_backward_reference(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
 
 
+def _swiglu_fused(base_g, base_u, hg, hu, wg, wu) -> Tensor:
+    """lora_swiglu_op: its kernel launched directly in plain eager CUDA code (rank_product.launches_directly)."""
+    if rank_product.launches_directly(base_g):
+        return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu)
+    return torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)
+
+
+def _swiglu_backward_fused(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h=None, a_down_t=None) -> tuple:
+    """lora_swiglu_backward_op: its kernel launched directly in plain eager CUDA code (as _swiglu_fused)."""
+    if rank_product.launches_directly(base_g):
+        grad_h = grad_h.contiguous() if grad_h is not None else None
+        return _launch(_lora_swiglu_kernel, base_g, base_u, hg, hu, wg, wu, grad_act.contiguous(), grad_h, a_down_t)
+    return torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
+
+
 class LoraSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor) -> Tensor:
         ctx.save_for_backward(base_g, base_u, hg, hu, wg, wu)  # gate and up are recomputed in backward's kernel
-        return torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)
+        return _swiglu_fused(base_g, base_u, hg, hu, wg, wu)
 
     @staticmethod
     def backward(ctx, grad_act: Tensor):
         base_g, base_u, hg, hu, wg, wu = ctx.saved_tensors
-        grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(base_g, base_u, hg, hu, wg, wu, grad_act)
+        grad_gate, grad_up = _swiglu_backward_fused(base_g, base_u, hg, hu, wg, wu, grad_act)
         return _with_lora_grads(grad_gate, grad_up, hg, hu, wg, wu)
 
 
@@ -187,7 +202,7 @@ class LoraSwiGLUDownAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_g: Tensor, base_u: Tensor, hg: Tensor, hu: Tensor, wg: Tensor, wu: Tensor,
                 a_down: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
-        act = torch.ops.qlora_fsdp.lora_swiglu(base_g, base_u, hg, hu, wg, wu)  # (T, I)
+        act = _swiglu_fused(base_g, base_u, hg, hu, wg, wu)  # (T, I)
         ctx.save_for_backward(base_g, base_u, hg, hu, wg, wu, a_down, act)  # act for d a_down, as lora_A saves it
         return act, act @ a_down.t()  # (T, I), (T, r_d)
 
@@ -197,9 +212,7 @@ class LoraSwiGLUDownAFunction(torch.autograd.Function):
         if grad_act is None:
             grad_act = torch.zeros_like(act)
         a_down_t = a_down.t().contiguous() if grad_h is not None else None  # (I, r_d)
-        grad_gate, grad_up = torch.ops.qlora_fsdp.lora_swiglu_backward(
-            base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t
-        )
+        grad_gate, grad_up = _swiglu_backward_fused(base_g, base_u, hg, hu, wg, wu, grad_act, grad_h, a_down_t)
         grad_a = grad_h.t() @ act if grad_h is not None else None  # (r_d, I)
         return *_with_lora_grads(grad_gate, grad_up, hg, hu, wg, wu), grad_a
 

@@ -17,7 +17,7 @@ import torch
 
 from ..gpu import cuda_capability
 from ..nf4.linear import compute_dtype
-from ..nf4.triton_dequant import HAS_TRITON, kernel_for, triton_interpreting
+from ..nf4.triton_dequant import HAS_TRITON, kernel_for, plain_eager_cuda, triton_interpreting
 
 # device types whose LoRA layers (lora/) take the fused autograd Functions (lora_add.py, lora_swiglu.py): CUDA runs their
 # Triton kernels, CPU the PyTorch references inside the same Functions, so CPU runs have the GPU's autograd graph
@@ -67,6 +67,15 @@ def lora_kernel(kernel, t: torch.Tensor):
     if not HAS_TRITON or t.dtype not in KERNEL_DTYPES or (t.device.type != "cuda" and not INTERPRET_ON_CPU):
         return None
     return kernel_for(kernel, t)
+
+
+def launches_directly(t: torch.Tensor) -> bool:
+    """Whether a fused LoRA op on `t` launches its kernel itself, bypassing the `torch.ops` dispatcher: plain eager
+    CUDA tensors of a kernel dtype (nf4/triton_dequant.py plain_eager_cuda). Dispatching a `triton_op` in eager mode
+    costs more host time than the launch (the op's `lora_add` ~130 us a call in benchmarks/fsdp_profile.py on an
+    H200, about half of it the dispatcher and `wrap_triton`), and a 1 x 2048 step is bound by host time. Traced,
+    faked or wrapped tensors take the op: the same kernel and arguments, what torch.compile sees."""
+    return t.dtype in KERNEL_DTYPES and plain_eager_cuda(t)
 
 
 def dot_options(r: int, dtype: torch.dtype) -> dict:
@@ -120,10 +129,22 @@ def max_fused_rank(dtype: torch.dtype, capability: tuple[int, int]) -> int:
     """The largest LoRA rank whose fused-kernel tiles fit a block's shared memory on a GPU of compute capability
     (major, minor): a power of two (ranks pad to one). 16-bit: 128 on sm75, sm86, sm89, sm120; 256 on sm80, sm90,
     sm100. fp32: 32 on sm75; 64 on sm86, sm89, sm120; 128 on sm80, sm90, sm100."""
+    if torch.compiler.is_compiling():  # Dynamo folds it to a constant; a dict it reads could change under it
+        return _max_fused_rank(dtype, capability)
+    key = (dtype, tuple(capability))  # eager: every LoRA layer asks at every call (takes_fused, check_fused_rank)
+    if key not in _MAX_FUSED_RANK:
+        _MAX_FUSED_RANK[key] = _max_fused_rank(dtype, capability)
+    return _MAX_FUSED_RANK[key]
+
+
+def _max_fused_rank(dtype: torch.dtype, capability: tuple[int, int]) -> int:
     limit, rp = shared_memory_per_block(capability), 16
     while fused_shared_bytes(2 * rp, dtype, capability) <= limit:
         rp *= 2
     return rp
+
+
+_MAX_FUSED_RANK: dict[tuple[torch.dtype, tuple[int, int]], int] = {}
 
 
 def check_fused_rank_for(r: int, dtype: torch.dtype, capability: tuple[int, int]) -> None:

@@ -167,7 +167,7 @@ def dequantize_nf4_op(
     )
 
 
-def _plain_eager_cuda(t: Tensor) -> bool:
+def plain_eager_cuda(t: Tensor) -> bool:
     """True for a plain CUDA tensor outside any tracing or dispatch mode: the kernel can launch directly."""
     return (
         HAS_TRITON and t.is_cuda and type(t) is Tensor and not torch.compiler.is_compiling()
@@ -185,7 +185,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
     dtype = dtype or w.dtype
     if dtype not in FLOAT_DTYPES:
         raise NF4FormatError(f"dequantize_nf4: output dtype {dtype} is not one of float16, bfloat16, float32")
-    if _plain_eager_cuda(w.data):
+    if plain_eager_cuda(w.data):
         out = torch.empty(w.shape, dtype=dtype, device=w.data.device)
         return _launch(_nf4_dequant_kernel, w.data, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map,
                        w.offset, out, w.blocksize, w.nested_blocksize)  # fmt: skip
