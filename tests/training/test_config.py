@@ -4,6 +4,7 @@ choices a one-line error."""
 from dataclasses import fields
 
 import pytest
+import torch
 
 from qlora_fsdp.cli import main
 from qlora_fsdp.training import TrainConfig, TrainError
@@ -41,6 +42,25 @@ def test_compile_mode_needs_the_inductor_backend():
 
     with pytest.raises(TrainError, match="--compile-mode max-autotune is inductor's: drop --compile-backend eager"):
         TrainConfig(compile=True, compile_mode="max-autotune", compile_backend="eager").validate()
+
+
+def test_cpu_offload_without_data_parallel_ranks_is_a_one_line_error(monkeypatch, capsys):
+    """FSDP2's CPU offload has nothing to offload in one data-parallel process: it used to be ignored silently."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "--max-steps", "1", "--cpu-offload"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cpu-offload offloads FSDP2's shards" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(TrainError, match="--cpu-offload"):
+        TrainConfig(cpu_offload=True, nproc=2, pp=2).validate()  # two pipeline stages, one replica each
+    TrainConfig(cpu_offload=True, nproc=2).validate()
+    TrainConfig(cpu_offload=True, nproc=4, pp=2).validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: --nproc stays 1
+    TrainConfig(cpu_offload=True).validate()
+    # prepare() checks the processes it is given (any entry point), before touching the model
+    from qlora_fsdp.training.setup import prepare
+
+    with pytest.raises(TrainError, match="--cpu-offload"):
+        prepare(None, TrainConfig(cpu_offload=True), device=torch.device("cpu"), world=1)
 
 
 def test_precision_auto_follows_the_gpu(monkeypatch):

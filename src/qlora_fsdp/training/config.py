@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -11,6 +12,10 @@ from ..model import EMBEDDED
 from ..parallel.pipeline import SCHEDULES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# FSDP2's CPU offload keeps its sharded state on the host: a run with no data-parallel ranks has none (it was ignored)
+CPU_OFFLOAD_NEEDS_SHARDS = ("--cpu-offload offloads FSDP2's shards, and one data-parallel process has none: use --nproc 2 "
+                            "or more (with --pp P, a multiple of 2P); on one GPU, --offload-activations and "
+                            "--embedding-on-cpu move memory to the host")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -131,6 +136,8 @@ class TrainConfig:
         for flag in ("offload_activations", "embedding_on_cpu"):
             if getattr(self, flag) and (self.nproc > 1 or self.pp > 1):
                 raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
+        if self.cpu_offload and self._processes() // self.pp < 2:
+            raise TrainError(CPU_OFFLOAD_NEEDS_SHARDS)
         if self.compile_mode and self.compile_backend != "inductor":
             raise TrainError(f"--compile-mode {self.compile_mode} is inductor's: drop --compile-backend "
                              f"{self.compile_backend}")  # fmt: skip
@@ -142,6 +149,12 @@ class TrainConfig:
             raise TrainError("--chunked-loss does not run with --pp yet: drop one of them")
         if self.pp > 1:
             self._validate_pipeline()
+
+    def _processes(self) -> int:
+        """The processes of this run: the process group's when one is up, else --nproc or torchrun's WORLD_SIZE."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return max(self.nproc, int(os.environ.get("WORLD_SIZE", "1")))
 
     def _validate_evaluation(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:

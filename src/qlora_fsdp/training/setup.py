@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..parallel.fsdp import fsdp_policies
-from .config import PRECISIONS, TrainConfig, TrainError
+from .config import CPU_OFFLOAD_NEEDS_SHARDS, PRECISIONS, TrainConfig, TrainError
 
 
 def add_lora(model: nn.Module, cfg: TrainConfig):
@@ -86,6 +86,8 @@ class Prepared:
 def prepare(model: nn.Module, cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: int = 1) -> Prepared:
     """Apply cfg to `model` (a transformers causal LM with its NF4 base, on `device`) in the order of the module
     docstring; `rank` and `world`: this process and the number of processes (FSDP2 or pipeline ranks)."""
+    if cfg.cpu_offload and world // cfg.pp < 2:
+        raise TrainError(CPU_OFFLOAD_NEEDS_SHARDS)
     model = add_lora(model, cfg)
     _apply_kernels(model, cfg)
     _apply_memory_options(model, cfg, world)
