@@ -177,7 +177,7 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
             result = {"status": "error", "error": f"{type(e).__name__}: {first}"[:400],  # Dynamo's last is boilerplate
                       "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
         result["seconds"] = time.perf_counter() - start
-        (out / f"{idx}-rank{rank}.json").write_text(json.dumps(result))
+        write_atomic(out / f"{idx}-rank{rank}.json", json.dumps(result))
         if result["status"] != "ok":
             print(f"[gate] {path['name']} rank {rank}: {result['traceback']}", file=sys.stderr, flush=True)
             sys.stdout.flush()
@@ -236,7 +236,7 @@ class WorkerGroup:
                     if not f.is_file():
                         why = (f"timed out after {self.timeout:.0f} s" if late else "its worker died (another rank "
                                "failed?)" if started.is_file() else "its workers died before starting it")  # fmt: skip
-                        f.write_text(json.dumps({"status": "error", "error": why}))
+                        write_atomic(f, json.dumps({"status": "error", "error": why}))
                 self._report(self.todo.pop(0))
             if self.todo:
                 self._start()
@@ -281,6 +281,14 @@ def verdict(path: dict, results: dict) -> tuple[bool, str]:
     diff = max_rel_diff(r["losses"], ref["losses"], path["steps"])
     ok = diff <= path["tol"]
     return ok, f"vs {path['ref']} ({path['steps']} step{'s' * (path['steps'] > 1)}): max rel {diff:.1e} {'<=' if ok else '>'} {path['tol']:.0e}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A rank's result appears whole or not at all: the poller reads every file it sees (a plain write_text was seen
+    half done, an empty file, on a loaded CI machine)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def merge(path: dict, out: Path, world: int) -> dict:
