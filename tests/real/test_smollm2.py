@@ -91,9 +91,12 @@ def greedy_answers(model, tok, prompts, max_new_tokens=3):
 
 
 @pytest.mark.timeout(600)
-def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smollm2_dir, tmp_path, capsys):
-    """A task made here (first / last letter of a word): held-out exact match rises; the adapter loads in peft onto
-    the NF4 base, and the merged 16-bit export answers the held-out prompts as it does."""
+def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smollm2_gguf, smollm2_dir, tmp_path,
+                                                                            capsys):
+    """A task made here (first / last letter of a word), trained from the `.gguf` file itself (`--model file.gguf`):
+    held-out exact match rises; the adapter records the converted checkpoint as its base (a directory peft can read
+    a config from) and loads in peft onto the NF4 base, and the merged 16-bit export, loaded from there, answers the
+    held-out prompts as it does."""
     import json
 
     import peft
@@ -107,13 +110,17 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
              "kind": kind} for kind in ("first", "last") for w in WORDS * 2]  # fmt: skip
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    assert main(["train", "--model", str(smollm2_dir), "--dataset", str(tmp_path / "task.jsonl"), "--eval-fraction", "0.2",
+    assert main(["train", "--model", str(smollm2_gguf), "--dataset", str(tmp_path / "task.jsonl"), "--eval-fraction", "0.2",
                  "--max-steps", "10", "--warmup-steps", "1", "--batch-size", "8", "--lr", "2e-3", "--max-length", "64",
                  "--precision", "fp32", "--device", "cpu", "--output-dir", str(out)]) == 0  # fmt: skip
     print(capsys.readouterr().out)
     result = json.loads((out / "eval.json").read_text())
     assert result["examples"] == 24 and result["group_by"] == "kind"
     assert result["exact_match_trained"] >= result["exact_match_untrained"] + 0.25, result  # 0% -> 50% when written
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(smollm2_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11)), records
     held_out = data_sources(TrainConfig(dataset=str(tmp_path / "task.jsonl"), eval_fraction=0.2))[1]
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     adapted = peft.PeftModel.from_pretrained(load_model(smollm2_dir, dtype=torch.float32, device="cpu"), out / "adapter")
@@ -124,18 +131,20 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
     assert main(["export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), "--merge", "--dtype",
                  "fp32", "--device", "cpu"]) == 0  # fmt: skip
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert merged.config.num_hidden_layers == 30 and merged.config.hidden_size == 576
     same = sum(a == b for a, b in zip(ours, greedy_answers(merged, tok, held_out["prompt"])))
     assert same >= 0.9 * len(ours), (same, len(ours))  # the merged base is the dequantized NF4 + B A s, rounded once
 
 
 def short_loop(out, model_dir, grad_accum, device="cpu"):
-    """3 steps of 4 synthetic examples a batch, one held-out batch."""
+    """2 steps of 4 synthetic examples a batch (the first before any update, the second after one), one held-out
+    batch (evaluated before and after)."""
     from qlora_fsdp.training import TrainConfig, TrainLoop
     from qlora_fsdp.training.batches import FixedBatches
     from tests.training.test_loop import collate, synthetic_examples
 
-    batches = [collate(synthetic_examples(n=24)[i : i + 4]) for i in range(0, 24, 4)]
-    cfg = TrainConfig(output_dir=str(out), max_steps=3, lr=1e-3, warmup_steps=1, progress=False, device=device,
+    batches = [collate(synthetic_examples(n=16)[i : i + 4]) for i in range(0, 16, 4)]
+    cfg = TrainConfig(output_dir=str(out), max_steps=2, lr=1e-3, warmup_steps=1, progress=False, device=device,
                       precision="fp32", lora_r=4, lora_alpha=8, grad_accum=grad_accum)  # fmt: skip
     return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device=device),
                      train_batches=FixedBatches(batches), eval_batches=FixedBatches(batches[:1]))  # fmt: skip
@@ -193,27 +202,3 @@ def test_load_model_takes_the_gguf_file_as_its_converted_checkpoint(smollm2_gguf
     assert isinstance(from_gguf.model.layers[0].mlp.down_proj.weight, NF4Tensor)
     with torch.no_grad():
         assert torch.equal(from_gguf(input_ids=ids).logits, from_dir(input_ids=ids).logits)
-
-
-@pytest.mark.timeout(600)
-def test_the_cli_trains_on_the_gguf_file_and_exports_from_its_adapter(smollm2_gguf, smollm2_dir, tmp_path):
-    """`qlora-fsdp train --model file.gguf`: the adapter records the converted checkpoint as its base (a directory
-    peft can read a config from), and export loads it from there."""
-    import json
-
-    from qlora_fsdp.cli import main
-
-    rows = [{"prompt": f"First letter of {w}:", "completion": " " + w[0]} for w in WORDS]
-    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(smollm2_gguf), "--dataset", str(tmp_path / "task.jsonl"), "--max-steps", "2",
-                 "--batch-size", "4", "--max-length", "64", "--precision", "fp32", "--device", "cpu",
-                 "--output-dir", str(out)]) == 0  # fmt: skip
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(smollm2_dir)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2], records
-    assert main(["export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), "--merge", "--dtype",
-                 "fp32", "--device", "cpu"]) == 0  # fmt: skip
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert merged.config.num_hidden_layers == 30 and merged.config.hidden_size == 576
