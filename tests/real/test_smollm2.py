@@ -34,20 +34,39 @@ def ids(smollm2_dir):
     return tok(TEXT, return_tensors="pt").input_ids
 
 
-def test_every_linear_holds_bitsandbytes_nf4_bytes(smollm2_dir):
-    ours, theirs = load_model(smollm2_dir, dtype=torch.bfloat16, device="cpu"), hf_bnb_model(smollm2_dir)
-    linears = [(n, m) for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+# One load of each model for the tests below, which only read them and run them without gradients (each load of the
+# 135M model quantizes its 210 linears, 2-3 s).
+@pytest.fixture(scope="module")
+def ours(smollm2_dir):
+    """load_model of the converted checkpoint, bf16."""
+    return load_model(smollm2_dir, dtype=torch.bfloat16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def theirs(smollm2_dir, tmp_path_factory):
+    """transformers + bitsandbytes (hf_bnb_model), with what it held as loaded, before anything else touched it (the
+    CPU forward repacks the weights): each Linear4bit's packed bytes, absmax and nested absmax, and a bnb-4bit copy
+    that transformers saved."""
+    model = hf_bnb_model(smollm2_dir)
+    linears = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone(), m.weight.quant_state.state2.absmax.clone())
+               for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}  # fmt: skip
+    saved = tmp_path_factory.mktemp("bnb4")
+    model.save_pretrained(saved)
+    return model, linears, saved
+
+
+def test_every_linear_holds_bitsandbytes_nf4_bytes(ours, theirs):
+    _, linears, _ = theirs
     assert len(linears) == 30 * 7  # every projection of the 30 layers; the tied embedding / lm_head stays 16-bit
-    for name, m in linears:
+    for name, (data, absmax, nested_absmax) in linears.items():
         w = ours.get_submodule(name).weight
         assert isinstance(w, NF4Tensor), name
-        qs = m.weight.quant_state
-        assert torch.equal(w.nf4.data, m.weight.data.view(-1)), name
-        assert torch.equal(w.nf4.absmax, qs.absmax) and torch.equal(w.nf4.nested_absmax, qs.state2.absmax), name
+        assert torch.equal(w.nf4.data, data.view(-1)), name
+        assert torch.equal(w.nf4.absmax, absmax) and torch.equal(w.nf4.nested_absmax, nested_absmax), name
 
 
-def test_logits_equal_transformers_bitsandbytes(smollm2_dir, ids):
-    ours, theirs = load_model(smollm2_dir, dtype=torch.bfloat16, device="cpu"), hf_bnb_model(smollm2_dir)
+def test_logits_equal_transformers_bitsandbytes(smollm2_dir, ids, ours, theirs):
+    theirs = theirs[0]
     dense = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
     with torch.no_grad():
         a, b, c = (m(input_ids=ids).logits.float() for m in (ours, theirs, dense))
@@ -60,10 +79,9 @@ def test_logits_equal_transformers_bitsandbytes(smollm2_dir, ids):
           f"(dense vs bnb: {kl(b, c):.3f}), max |diff| {(a - b).abs().max():.3f}")
 
 
-def test_a_bnb_4bit_copy_imports_bit_exact(smollm2_dir, ids, tmp_path):
-    theirs = hf_bnb_model(smollm2_dir)
-    theirs.save_pretrained(tmp_path / "bnb4")  # before any forward: the CPU forward repacks the weights
-    from_bnb, from_16bit = (load_model(p, dtype=torch.bfloat16, device="cpu") for p in (tmp_path / "bnb4", smollm2_dir))
+def test_a_bnb_4bit_copy_imports_bit_exact(ids, ours, theirs):
+    saved = theirs[2]  # saved before any forward: the CPU forward repacks the weights
+    from_bnb, from_16bit = load_model(saved, dtype=torch.bfloat16, device="cpu"), ours
     for (name, w), w16 in zip(from_bnb.named_parameters(), from_16bit.parameters()):
         if isinstance(w, NF4Tensor):
             assert torch.equal(w.nf4.data, w16.nf4.data) and torch.equal(w.nf4.absmax, w16.nf4.absmax), name
@@ -189,14 +207,15 @@ def test_it_trains_on_two_gloo_ranks_with_the_losses_of_one_process(smollm2_dir,
     assert total / 2 <= got["shard_bytes"] <= total / 2 + 8192 + 256, (got["shard_bytes"], total)
 
 
-def test_load_model_takes_the_gguf_file_as_its_converted_checkpoint(smollm2_gguf, smollm2_dir, ids, tmp_path, capsys):
+def test_load_model_takes_the_gguf_file_as_its_converted_checkpoint(smollm2_gguf, smollm2_dir, ids, ours, tmp_path,
+                                                                    capsys):
     """The .gguf path itself (and a directory holding only it) resolves to the cached conversion: no second one."""
     from qlora_fsdp.model import resolve_model_dir
 
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "model.gguf").symlink_to(smollm2_gguf)
     assert resolve_model_dir(smollm2_gguf) == smollm2_dir == resolve_model_dir(tmp_path / "only")
-    from_gguf, from_dir = (load_model(p, dtype=torch.bfloat16, device="cpu") for p in (smollm2_gguf, smollm2_dir))
+    from_gguf, from_dir = load_model(smollm2_gguf, dtype=torch.bfloat16, device="cpu"), ours
     assert "converting" not in capsys.readouterr().err
     assert from_gguf.config._name_or_path == str(smollm2_gguf)
     assert isinstance(from_gguf.model.layers[0].mlp.down_proj.weight, NF4Tensor)
