@@ -43,6 +43,13 @@ def test_a_loss_off_its_reference_fails():
     assert not gpu_gate.verdict(path, {path["name"]: close, path["ref"]: {"status": "error", "error": "x"}})[0]
 
 
+def cpu_env(tmp_path) -> dict:
+    """The gate's environment on CPU: one thread a process. It runs 2 one-GPU workers beside a pair of ranks (4
+    processes); with torch's default of a thread a core each, 2 cores are oversubscribed 4 times over and the OpenMP
+    threads' spin-waits take most of the time (measured: 227 s instead of 34 s for the run below, the same losses)."""
+    return {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl"), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.timeout(300)
 def test_a_cpu_run_passes_its_checks(tmp_path):
     only = "^(2gpu/default/bf16|pp2/zbv/bf16|1gpu/resume/bf16|2gpu/smollm2-widths/bf16|2gpu/smollm2-real/fp32)$"
@@ -50,7 +57,7 @@ def test_a_cpu_run_passes_its_checks(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--config", "tiny",
                            "--layers", "4", "--seq", "64", "--steps", "3", "--only", only, "--real-model", "embedded"],
                           capture_output=True,
-                          text=True, env={**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}, timeout=280)  # fmt: skip
+                          text=True, env=cpu_env(tmp_path), timeout=280)  # fmt: skip
     assert proc.returncode == 0 and "gate: 9/9 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["path"] for r in rows if "path" in r} == {"1gpu/default/bf16", "1gpu/accum4/bf16", "1gpu/resume/bf16",
@@ -67,7 +74,7 @@ def test_the_t4_emulation_runs_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--emulate", "t4",
                            "--config", "tiny", "--layers", "2", "--seq", "64", "--steps", "3",
                            "--t4-dir", str(tmp_path / "ckpt")], capture_output=True, text=True,
-                          env={**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}, timeout=280)  # fmt: skip
+                          env=cpu_env(tmp_path), timeout=280)  # fmt: skip
     assert proc.returncode == 0 and "gate: 3/3 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
     config = json.loads((tmp_path / "ckpt" / "bnb4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"

@@ -1,6 +1,10 @@
 """examples/kaggle_2x_t4.ipynb runs: its code cells, with the parameter cell set to the embedded default on 2 gloo
 processes, executed in order as one script (shell lines, `!pip install`, skipped: the package is installed here).
-It must train, show the loss plot's file, answer from the adapter and zip the adapter."""
+It must train, show the loss plot's file, answer from the adapter and zip the adapter.
+
+Its training is the suite's run of `qlora-fsdp train --nproc 2` on the embedded default (a process of its own, as a
+user runs it): the embedded model's 128 x 128 projections split quant groups on 2 ranks (refused before the windows
+of nf4/sharding.py)."""
 
 import json
 import subprocess
@@ -38,6 +42,7 @@ def notebook_script(parameters: str) -> str:
 def test_the_kaggle_notebook_runs_on_the_embedded_default(tmp_path):
     script = tmp_path / "notebook.py"
     script.write_text(notebook_script(EMBEDDED))
+    assert '"--nproc", NPROC' in script.read_text()  # its training runs on NPROC = 2 ranks
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     run = tmp_path / "runs" / "kaggle"

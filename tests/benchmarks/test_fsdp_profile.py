@@ -85,7 +85,8 @@ def test_t4_projection_from_stated_rates():
 
 def test_the_script_runs_on_cpu_processes(tmp_path):
     """The 2-rank variant end to end on gloo (its losses against one process: tests/parallel)."""
-    env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
+    # one thread a rank (the script's ranks keep torch's default, a thread a core: 2 ranks oversubscribe 2 cores)
+    env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_profile.py"), "--cpu", "--config", "tiny",
                            "--seq", "32", "--warmup", "1", "--timed-steps", "1", "--steps", "1", "--variants", "2gpu"],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip

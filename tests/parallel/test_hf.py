@@ -49,45 +49,67 @@ def make_trainer(kind, out, model_dir, world, **kw):
     return Seq(model=model, args=args, **data)
 
 
-def _worker(rank, port, out, kind):
+KINDS = ["trainer", "sft"]
+
+
+def _worker(rank, port, root, kinds):
+    """Both trainers in turn on the same 2 ranks (one launch: starting ranks costs more than these runs), each in its
+    own folder root / kind, on a freshly loaded model."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))  # fmt: skip
     share_cpu_cores(WORLD)
     try:
-        trainer = make_trainer(kind, out / "sharded", out / "model", WORLD, save_strategy="steps", save_steps=2)
-        local = trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.to_local()
-        assert local.shape[0] * WORLD == trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.shape[0]
-        trainer.train()
-        trainer.save_model(str(out / "sharded" / "adapter"))
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        if kind == "trainer":  # resume from the sharded checkpoint of step 2 (DCP optimizer state): the same steps 3-4
-            again = make_trainer(kind, out / "sharded", out / "model", WORLD, save_strategy="no")
-            again.train(resume_from_checkpoint=str(out / "sharded" / "checkpoint-2"))
-            losses += [h["loss"] for h in again.state.log_history if "loss" in h and h["step"] > 2]
-        if rank == 0:
-            torch.save(losses, out / "losses.pt")
+        for kind in kinds:
+            out = root / kind
+            trainer = make_trainer(kind, out / "sharded", root / "model", WORLD, save_strategy="steps", save_steps=2)
+            local = trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.to_local()
+            assert local.shape[0] * WORLD == trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.shape[0]
+            trainer.train()
+            trainer.save_model(str(out / "sharded" / "adapter"))
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            if kind == "trainer":  # resume from the sharded checkpoint of step 2 (DCP optimizer state): the same steps 3-4
+                again = make_trainer(kind, out / "sharded", root / "model", WORLD, save_strategy="no")
+                again.train(resume_from_checkpoint=str(out / "sharded" / "checkpoint-2"))
+                losses += [h["loss"] for h in again.state.log_history if "loss" in h and h["step"] > 2]
+            if rank == 0:
+                torch.save(losses, out / "losses.pt")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     os._exit(0)
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The folder of the 2-rank runs of both trainers (one launch), and the launch's error if it failed."""
+    root = tmp_path_factory.mktemp("sharded")
+    tiny_llama(root / "model")
+    for kind in KINDS:
+        (root / kind).mkdir()
+    try:
+        mp.spawn(_worker, args=(free_port(), root, KINDS), nprocs=WORLD, join=True)
+    except Exception as e:  # noqa: BLE001 - reported by the tests whose run did not finish
+        return root, e
+    return root, None
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["trainer", "sft"])
-def test_trainer_on_two_ranks_equals_one_process(tmp_path, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_trainer_on_two_ranks_equals_one_process(sharded, tmp_path, kind):
     from safetensors.torch import load_file
 
-    tiny_llama(tmp_path / "model")
-    mp.spawn(_worker, args=(free_port(), tmp_path, kind), nprocs=WORLD, join=True)
-    ref = make_trainer(kind, tmp_path / "one", tmp_path / "model", 1)
+    root, error = sharded
+    if not (root / kind / "losses.pt").is_file():
+        pytest.fail(f"the 2-rank launch did not finish the {kind} run: {error}")
+    ref = make_trainer(kind, tmp_path / "one", root / "model", 1)
     ref.train()
     ref.save_model(str(tmp_path / "one" / "adapter"))
     theirs = [h["loss"] for h in ref.state.log_history if "loss" in h]
     assert len(theirs) == 4
     if kind == "trainer":
         theirs += theirs[2:]
-    torch.testing.assert_close(torch.tensor(torch.load(tmp_path / "losses.pt")), torch.tensor(theirs), rtol=1e-5, atol=0)
-    got = load_file(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors")
+    torch.testing.assert_close(torch.tensor(torch.load(root / kind / "losses.pt")), torch.tensor(theirs), rtol=1e-5, atol=0)
+    got = load_file(root / kind / "sharded" / "adapter" / "adapter_model.safetensors")
     want = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     assert got.keys() == want.keys() and len(got) == 2 * 7 * 2  # lora_A and lora_B of 7 projections x 2 layers
     for k in want:

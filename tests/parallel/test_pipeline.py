@@ -4,6 +4,7 @@ weight gradients to the weight pass."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,51 +72,44 @@ def one_process(model_dir):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, world, port, out, model_dir, schedules):
+def _schedules_job(rank, world, out, model_dir, schedules):
     """Every schedule in turn on `world` ranks: PP stages, and FSDP2 over dp = world / PP inside each stage."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from qlora_fsdp.parallel.pipeline import build_pipeline
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    share_cpu_cores(world)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     dp = world // PP
     mesh = init_device_mesh("cpu", (PP, dp), mesh_dim_names=("pp", "dp")) if dp > 1 else None
     pp_rank, dp_rank = (mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()) if mesh else (rank, 0)
     results = {}
-    try:
-        for schedule in schedules:
-            model = peft_model(model_dir)
-            n_tok = [1]
-            # FSDP2 averages gradients over dp: the factor dp turns that into the sum the one-process step takes
-            loss_fn = lambda logits, labels: token_loss_sum(logits, labels) / n_tok[0] * dp  # noqa: E731
-            pipe = build_pipeline(model, schedule, pp_rank, PP, n_microbatches=MICRO // dp, loss_fn=loss_fn,
-                                  group=mesh.get_group("pp") if mesh else None, dp_mesh=mesh["dp"] if mesh else None)  # fmt: skip
-            names = {id(p): n for n, p in model.named_parameters()}  # after FSDP2 swapped in DTensor parameters
-            params = [p for m in pipe.modules for p in m.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
-            deferred = probe_weight_passes(pipe.stages) if schedule in ("zbv", "interleaved_zb") else []
-            losses = []
-            for b in step_batches():
-                n_tok[0] = label_tokens(b)
-                rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)  # this replica's share
-                mb_losses = []
-                pipe.schedule.step(*[b["input_ids"][rows]] * pipe.has_first, attention_mask=b["attention_mask"][rows],
-                                   target=b["labels"][rows], losses=mb_losses)  # fmt: skip
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total = torch.tensor(sum(x.item() for x in mb_losses), dtype=torch.float64)
-                dist.all_reduce(total)  # only the last stage's ranks hold losses, each its replica's share x dp
-                losses.append(float(total) / dp)
-            lora = {names[id(p)]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                    for m in pipe.modules for p in m.parameters() if p.requires_grad}  # fmt: skip
-            results[schedule] = {"losses": losses, "lora": lora, "deferred": deferred}
-        torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
+    for schedule in schedules:
+        model = peft_model(model_dir)
+        n_tok = [1]
+        # FSDP2 averages gradients over dp: the factor dp turns that into the sum the one-process step takes
+        loss_fn = lambda logits, labels: token_loss_sum(logits, labels) / n_tok[0] * dp  # noqa: E731
+        pipe = build_pipeline(model, schedule, pp_rank, PP, n_microbatches=MICRO // dp, loss_fn=loss_fn,
+                              group=mesh.get_group("pp") if mesh else None, dp_mesh=mesh["dp"] if mesh else None)  # fmt: skip
+        names = {id(p): n for n, p in model.named_parameters()}  # after FSDP2 swapped in DTensor parameters
+        params = [p for m in pipe.modules for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+        deferred = probe_weight_passes(pipe.stages) if schedule in ("zbv", "interleaved_zb") else []
+        losses = []
+        for b in step_batches():
+            n_tok[0] = label_tokens(b)
+            rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)  # this replica's share
+            mb_losses = []
+            pipe.schedule.step(*[b["input_ids"][rows]] * pipe.has_first, attention_mask=b["attention_mask"][rows],
+                               target=b["labels"][rows], losses=mb_losses)  # fmt: skip
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total = torch.tensor(sum(x.item() for x in mb_losses), dtype=torch.float64)
+            dist.all_reduce(total)  # only the last stage's ranks hold losses, each its replica's share x dp
+            losses.append(float(total) / dp)
+        lora = {names[id(p)]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for m in pipe.modules for p in m.parameters() if p.requires_grad}  # fmt: skip
+        results[schedule] = {"losses": losses, "lora": lora, "deferred": deferred}
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 def probe_weight_passes(stages) -> list:
@@ -170,20 +164,86 @@ def check_against_one_process(tmp_path, model_dir, world):
             assert {kind for kind, _ in deferred} == {"I", "W"} and all(ok for _, ok in deferred), (schedule, deferred)
 
 
-@pytest.mark.timeout(300)
-def test_two_stage_ranks_equal_one_process(tmp_path):
+# -- the multi-rank runs: one launch of 2 ranks and one of 4 -------------------------------------------------------
+# Starting ranks (processes, imports, the process group) costs more than the runs here, so the runs on one number of
+# ranks share one launch (the module fixture `launches`): its ranks run the jobs in turn, each on a freshly loaded
+# model (the schedules, then the training loop: fp16 with an overflow on 2 ranks, pp x FSDP2 on 4), and the tests
+# below check their results as each did with a launch of its own. A job that fails stops its launch: its test and
+# the tests of the jobs after it fail with its traceback.
+def _launch_worker(rank, world, port, jobs):
+    """Join the group once, then run every job in turn; `done` in a job's folder once all ranks finished it."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    share_cpu_cores(world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for job in jobs:
+            out = Path(job["out"])
+            try:
+                JOB_KINDS[job["kind"]](rank, world, out, **job["args"])
+            except BaseException as e:
+                raise RuntimeError(f"job {out.name} failed on rank {rank}") from e
+            dist.barrier()
+            if rank == 0:
+                (out / "done").write_text("")
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+class Launches:
+    """The 2-rank and the 4-rank launch, each started when a test first needs it, on one four-layer Llama."""
+
+    def __init__(self, root: Path):
+        self.root, self.started, self.errors = root, set(), {}
+        self.model_dir = four_layer_llama(root / "model")
+
+    def job(self, world: int, kind: str) -> Path:
+        return self.root / f"{world}ranks-{kind}"
+
+    def launch(self, world: int) -> None:
+        if world in self.started:
+            return
+        self.started.add(world)
+        jobs = [{"kind": "schedules", "args": {"model_dir": self.model_dir, "schedules": SCHEDULE_NAMES}}]
+        if world == 2:
+            jobs.append({"kind": "overflow", "args": {"model_dir": self.model_dir}})
+        else:
+            options = {"pp": 2, "pp_schedule": "zbv", "grad_accum": 2, "activation_checkpointing": True, "pp_report": True}
+            jobs.append({"kind": "loop", "args": {"model_dir": self.model_dir, "options": options}})
+        for job in jobs:
+            job["out"] = str(self.job(world, job["kind"]))
+            Path(job["out"]).mkdir()
+        try:
+            mp.spawn(_launch_worker, args=(world, free_port(), jobs), nprocs=world, join=True)
+        except Exception as e:  # noqa: BLE001 - reported by the tests of the jobs it did not finish
+            self.errors[world] = e
+
+    def result(self, world: int, kind: str) -> Path:
+        """The folder of a finished job of the `world`-rank launch (started here if it has not been)."""
+        self.launch(world)
+        out = self.job(world, kind)
+        if not (out / "done").is_file():
+            pytest.fail(f"the {world}-rank launch stopped before its {kind} job finished: {self.errors.get(world)}")
+        return out
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    return Launches(tmp_path_factory.mktemp("launches"))
+
+
+@pytest.mark.timeout(600)  # the first test of a launch runs all of its jobs
+def test_two_stage_ranks_equal_one_process(launches):
     """2 ranks x 2 stages (4 stages for the zero-bubble schedules), every schedule."""
-    model_dir = four_layer_llama(tmp_path / "model")
-    mp.spawn(_worker, args=(PP, free_port(), tmp_path, model_dir, SCHEDULE_NAMES), nprocs=PP, join=True)
-    check_against_one_process(tmp_path, model_dir, PP)
+    check_against_one_process(launches.result(PP, "schedules"), launches.model_dir, PP)
 
 
-@pytest.mark.timeout(420)
-def test_pp_by_fsdp_on_four_ranks_equals_one_process(tmp_path):
+@pytest.mark.timeout(600)
+def test_pp_by_fsdp_on_four_ranks_equals_one_process(launches):
     """4 ranks: 2 pipeline stages x 2 FSDP2 data-parallel ranks (a 2-D mesh), every schedule."""
-    model_dir = four_layer_llama(tmp_path / "model")
-    mp.spawn(_worker, args=(2 * PP, free_port(), tmp_path, model_dir, SCHEDULE_NAMES), nprocs=2 * PP, join=True)
-    check_against_one_process(tmp_path, model_dir, 2 * PP)
+    check_against_one_process(launches.result(2 * PP, "schedules"), launches.model_dir, 2 * PP)
 
 
 def test_bad_pipeline_setups_are_one_line_errors(tmp_path):
@@ -219,78 +279,61 @@ def make_loop(out, model_dir, **options):
                     train_batches=ListBatches(batches), eval_batches=ListBatches(batches[:3]))  # fmt: skip
 
 
-def _loop_worker(rank, world, port, out, options):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    share_cpu_cores(world)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        loop = make_loop(out / "pp", out / "model", nproc=world, **options)
-        records = loop.train()
-        lora = loop.lora_state_dict()  # every stage's, on rank 0
-        if rank == 0:
-            torch.save({"records": records, "lora": lora}, out / "pp.pt")
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
+def _loop_job(rank, world, out, model_dir, options):
+    loop = make_loop(out / "pp", model_dir, nproc=world, **options)
+    records = loop.train()
+    lora = loop.lora_state_dict()  # every stage's, on rank 0
+    if rank == 0:
+        torch.save({"records": records, "lora": lora}, out / "pp.pt")
 
 
-def _overflow_worker(rank, world, port, out):
+def _overflow_job(rank, world, out, model_dir):
     """fp16 over 2 stages (zero-bubble ZBV); at step 3 stage 1's rank alone finds an inf in a gradient."""
-    import torch.distributed as dist
+    loop = make_loop(out / "pp", model_dir, nproc=world, pp=2, pp_schedule="zbv", precision="fp16",
+                     max_grad_norm=1.0)  # fmt: skip
+    unscale = loop.scaler.unscale_
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    share_cpu_cores(world)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        loop = make_loop(out / "pp", out / "model", nproc=world, pp=2, pp_schedule="zbv", precision="fp16",
-                         max_grad_norm=1.0)  # fmt: skip
-        unscale = loop.scaler.unscale_
+    def unscale_with_overflow(optimizer):
+        if rank == 1 and loop.step == 2:  # during step 3: poison one gradient element of this stage only
+            next(p for p in loop.params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        unscale(optimizer)
 
-        def unscale_with_overflow(optimizer):
-            if rank == 1 and loop.step == 2:  # during step 3: poison one gradient element of this stage only
-                next(p for p in loop.params if p.grad is not None).grad.view(-1)[0] = float("inf")
-            unscale(optimizer)
-
-        loop.scaler.unscale_ = unscale_with_overflow
-        seen = []
-        for _ in range(3):
-            before = {n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
-            scale = loop.scaler.get_scale()
-            record = loop.train_step()
-            unchanged = all(torch.equal(before[n], p) for n, p in loop.model.named_parameters() if p.requires_grad)
-            seen.append((unchanged, loop.scaler.get_scale() / scale, record["loss"]))
-        torch.save(seen, out / f"seen{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
+    loop.scaler.unscale_ = unscale_with_overflow
+    seen = []
+    for _ in range(3):
+        before = {n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
+        scale = loop.scaler.get_scale()
+        record = loop.train_step()
+        unchanged = all(torch.equal(before[n], p) for n, p in loop.model.named_parameters() if p.requires_grad)
+        seen.append((unchanged, loop.scaler.get_scale() / scale, record["loss"]))
+    torch.save(seen, out / f"seen{rank}.pt")
 
 
-@pytest.mark.timeout(300)
-def test_fp16_pipeline_overflow_in_one_stage_skips_the_step_on_every_stage(tmp_path):
+JOB_KINDS = {"schedules": _schedules_job, "loop": _loop_job, "overflow": _overflow_job}
+
+
+@pytest.mark.timeout(600)
+def test_fp16_pipeline_overflow_in_one_stage_skips_the_step_on_every_stage(launches):
     """fp16 runs on a pipeline: the loss carries the scaler's scale through the schedule's own backward, and the
     found-inf flags are reduced over all ranks, so an overflow in one stage skips the step on both."""
-    four_layer_llama(tmp_path / "model")
-    mp.spawn(_overflow_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    out = launches.result(2, "overflow")
     for rank in range(2):
-        unchanged, scale_factor, losses = zip(*torch.load(tmp_path / f"seen{rank}.pt"))
+        unchanged, scale_factor, losses = zip(*torch.load(out / f"seen{rank}.pt"))
         assert unchanged[1:] == (False, True), rank  # step 2 updates (step 1 has a small warmup lr), step 3 skipped
         assert scale_factor == (1.0, 1.0, 0.5), rank  # the scale backs off on both stages alike
         assert all(0 < x < 20 for x in losses), losses  # the logged loss is unscaled (the scale is 65536)
 
 
-@pytest.mark.timeout(420)
-def test_train_loop_pp_by_fsdp_equals_one_process(tmp_path):
+@pytest.mark.timeout(600)
+def test_train_loop_pp_by_fsdp_equals_one_process(launches, tmp_path):
     """TrainLoop on 4 ranks (2 stages x 2 FSDP2 replicas, ZBV, activation checkpointing, clipping over the stages):
     per-step losses, gradient norms, eval losses and the saved adapter equal one process."""
     import peft
     from safetensors.torch import load_file
 
-    model_dir = four_layer_llama(tmp_path / "model")
-    options = {"pp": 2, "pp_schedule": "zbv", "grad_accum": 2, "activation_checkpointing": True, "pp_report": True}
-    mp.spawn(_loop_worker, args=(4, free_port(), tmp_path, options), nprocs=4, join=True)
-    got = torch.load(tmp_path / "pp.pt", weights_only=False)
+    model_dir = launches.model_dir
+    run = launches.result(4, "loop")  # options: pp 2, ZBV, grad_accum 2, checkpointing, pp_report (Launches.launch)
+    got = torch.load(run / "pp.pt", weights_only=False)
     ref_loop = make_loop(tmp_path / "one", model_dir, grad_accum=4)  # one process, the same 4 batches a step
     ref = ref_loop.train()
     col = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731
@@ -301,13 +344,13 @@ def test_train_loop_pp_by_fsdp_equals_one_process(tmp_path):
     assert got["lora"].keys() == ref_lora.keys()
     for k in ref_lora:
         torch.testing.assert_close(got["lora"][k], ref_lora[k], rtol=1e-4, atol=3e-5)
-    saved = load_file(tmp_path / "pp" / "adapter" / "adapter_model.safetensors")  # what rank 0 wrote, PEFT format
+    saved = load_file(run / "pp" / "adapter" / "adapter_model.safetensors")  # what rank 0 wrote, PEFT format
     model = peft.PeftModel.from_pretrained(load_model(model_dir, dtype=torch.float32, device="cpu"),
-                                           tmp_path / "pp" / "adapter")  # fmt: skip
+                                           run / "pp" / "adapter")  # fmt: skip
     assert len(saved) == len(ref_lora) and model.peft_config["default"].r == 4
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert loaded.keys() == ref_lora.keys() and all(torch.equal(loaded[k], got["lora"][k]) for k in loaded)
-    report = json.loads((tmp_path / "pp" / "pp_report.json").read_text())
+    report = json.loads((run / "pp" / "pp_report.json").read_text())
     assert report["schedule"] == "zbv" and [r["stages"] for r in report["ranks"]] == [[0, 3], [0, 3], [1, 2], [1, 2]]
     assert all(0 <= r["idle"] < 1 and r["step_ms"] > r["busy_ms"] > 0 for r in report["ranks"])
 

@@ -34,20 +34,39 @@ def ids(smollm2_dir):
     return tok(TEXT, return_tensors="pt").input_ids
 
 
-def test_every_linear_holds_bitsandbytes_nf4_bytes(smollm2_dir):
-    ours, theirs = load_model(smollm2_dir, dtype=torch.bfloat16, device="cpu"), hf_bnb_model(smollm2_dir)
-    linears = [(n, m) for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+# One load of each model for the tests below, which only read them and run them without gradients (each load of the
+# 135M model quantizes its 210 linears, 2-3 s).
+@pytest.fixture(scope="module")
+def ours(smollm2_dir):
+    """load_model of the converted checkpoint, bf16."""
+    return load_model(smollm2_dir, dtype=torch.bfloat16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def theirs(smollm2_dir, tmp_path_factory):
+    """transformers + bitsandbytes (hf_bnb_model), with what it held as loaded, before anything else touched it (the
+    CPU forward repacks the weights): each Linear4bit's packed bytes, absmax and nested absmax, and a bnb-4bit copy
+    that transformers saved."""
+    model = hf_bnb_model(smollm2_dir)
+    linears = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone(), m.weight.quant_state.state2.absmax.clone())
+               for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}  # fmt: skip
+    saved = tmp_path_factory.mktemp("bnb4")
+    model.save_pretrained(saved)
+    return model, linears, saved
+
+
+def test_every_linear_holds_bitsandbytes_nf4_bytes(ours, theirs):
+    _, linears, _ = theirs
     assert len(linears) == 30 * 7  # every projection of the 30 layers; the tied embedding / lm_head stays 16-bit
-    for name, m in linears:
+    for name, (data, absmax, nested_absmax) in linears.items():
         w = ours.get_submodule(name).weight
         assert isinstance(w, NF4Tensor), name
-        qs = m.weight.quant_state
-        assert torch.equal(w.nf4.data, m.weight.data.view(-1)), name
-        assert torch.equal(w.nf4.absmax, qs.absmax) and torch.equal(w.nf4.nested_absmax, qs.state2.absmax), name
+        assert torch.equal(w.nf4.data, data.view(-1)), name
+        assert torch.equal(w.nf4.absmax, absmax) and torch.equal(w.nf4.nested_absmax, nested_absmax), name
 
 
-def test_logits_equal_transformers_bitsandbytes(smollm2_dir, ids):
-    ours, theirs = load_model(smollm2_dir, dtype=torch.bfloat16, device="cpu"), hf_bnb_model(smollm2_dir)
+def test_logits_equal_transformers_bitsandbytes(smollm2_dir, ids, ours, theirs):
+    theirs = theirs[0]
     dense = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
     with torch.no_grad():
         a, b, c = (m(input_ids=ids).logits.float() for m in (ours, theirs, dense))
@@ -60,10 +79,9 @@ def test_logits_equal_transformers_bitsandbytes(smollm2_dir, ids):
           f"(dense vs bnb: {kl(b, c):.3f}), max |diff| {(a - b).abs().max():.3f}")
 
 
-def test_a_bnb_4bit_copy_imports_bit_exact(smollm2_dir, ids, tmp_path):
-    theirs = hf_bnb_model(smollm2_dir)
-    theirs.save_pretrained(tmp_path / "bnb4")  # before any forward: the CPU forward repacks the weights
-    from_bnb, from_16bit = (load_model(p, dtype=torch.bfloat16, device="cpu") for p in (tmp_path / "bnb4", smollm2_dir))
+def test_a_bnb_4bit_copy_imports_bit_exact(ids, ours, theirs):
+    saved = theirs[2]  # saved before any forward: the CPU forward repacks the weights
+    from_bnb, from_16bit = load_model(saved, dtype=torch.bfloat16, device="cpu"), ours
     for (name, w), w16 in zip(from_bnb.named_parameters(), from_16bit.parameters()):
         if isinstance(w, NF4Tensor):
             assert torch.equal(w.nf4.data, w16.nf4.data) and torch.equal(w.nf4.absmax, w16.nf4.absmax), name
@@ -91,9 +109,12 @@ def greedy_answers(model, tok, prompts, max_new_tokens=3):
 
 
 @pytest.mark.timeout(600)
-def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smollm2_dir, tmp_path, capsys):
-    """A task made here (first / last letter of a word): held-out exact match rises; the adapter loads in peft onto
-    the NF4 base, and the merged 16-bit export answers the held-out prompts as it does."""
+def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smollm2_gguf, smollm2_dir, tmp_path,
+                                                                            capsys):
+    """A task made here (first / last letter of a word), trained from the `.gguf` file itself (`--model file.gguf`):
+    held-out exact match rises; the adapter records the converted checkpoint as its base (a directory peft can read
+    a config from) and loads in peft onto the NF4 base, and the merged 16-bit export, loaded from there, answers the
+    held-out prompts as it does."""
     import json
 
     import peft
@@ -107,13 +128,17 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
              "kind": kind} for kind in ("first", "last") for w in WORDS * 2]  # fmt: skip
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    assert main(["train", "--model", str(smollm2_dir), "--dataset", str(tmp_path / "task.jsonl"), "--eval-fraction", "0.2",
+    assert main(["train", "--model", str(smollm2_gguf), "--dataset", str(tmp_path / "task.jsonl"), "--eval-fraction", "0.2",
                  "--max-steps", "10", "--warmup-steps", "1", "--batch-size", "8", "--lr", "2e-3", "--max-length", "64",
                  "--precision", "fp32", "--device", "cpu", "--output-dir", str(out)]) == 0  # fmt: skip
     print(capsys.readouterr().out)
     result = json.loads((out / "eval.json").read_text())
     assert result["examples"] == 24 and result["group_by"] == "kind"
     assert result["exact_match_trained"] >= result["exact_match_untrained"] + 0.25, result  # 0% -> 50% when written
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(smollm2_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11)), records
     held_out = data_sources(TrainConfig(dataset=str(tmp_path / "task.jsonl"), eval_fraction=0.2))[1]
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     adapted = peft.PeftModel.from_pretrained(load_model(smollm2_dir, dtype=torch.float32, device="cpu"), out / "adapter")
@@ -124,18 +149,20 @@ def test_the_cli_finetunes_it_and_the_adapter_and_merged_export_answer_alike(smo
     assert main(["export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), "--merge", "--dtype",
                  "fp32", "--device", "cpu"]) == 0  # fmt: skip
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert merged.config.num_hidden_layers == 30 and merged.config.hidden_size == 576
     same = sum(a == b for a, b in zip(ours, greedy_answers(merged, tok, held_out["prompt"])))
     assert same >= 0.9 * len(ours), (same, len(ours))  # the merged base is the dequantized NF4 + B A s, rounded once
 
 
 def short_loop(out, model_dir, grad_accum, device="cpu"):
-    """3 steps of 4 synthetic examples a batch, one held-out batch."""
+    """2 steps of 4 synthetic examples a batch (the first before any update, the second after one), one held-out
+    batch (evaluated before and after)."""
     from qlora_fsdp.training import TrainConfig, TrainLoop
     from qlora_fsdp.training.batches import FixedBatches
     from tests.training.test_loop import collate, synthetic_examples
 
-    batches = [collate(synthetic_examples(n=24)[i : i + 4]) for i in range(0, 24, 4)]
-    cfg = TrainConfig(output_dir=str(out), max_steps=3, lr=1e-3, warmup_steps=1, progress=False, device=device,
+    batches = [collate(synthetic_examples(n=16)[i : i + 4]) for i in range(0, 16, 4)]
+    cfg = TrainConfig(output_dir=str(out), max_steps=2, lr=1e-3, warmup_steps=1, progress=False, device=device,
                       precision="fp32", lora_r=4, lora_alpha=8, grad_accum=grad_accum)  # fmt: skip
     return TrainLoop(cfg, model=load_model(model_dir, dtype=torch.float32, device=device),
                      train_batches=FixedBatches(batches), eval_batches=FixedBatches(batches[:1]))  # fmt: skip
@@ -180,40 +207,17 @@ def test_it_trains_on_two_gloo_ranks_with_the_losses_of_one_process(smollm2_dir,
     assert total / 2 <= got["shard_bytes"] <= total / 2 + 8192 + 256, (got["shard_bytes"], total)
 
 
-def test_load_model_takes_the_gguf_file_as_its_converted_checkpoint(smollm2_gguf, smollm2_dir, ids, tmp_path, capsys):
+def test_load_model_takes_the_gguf_file_as_its_converted_checkpoint(smollm2_gguf, smollm2_dir, ids, ours, tmp_path,
+                                                                    capsys):
     """The .gguf path itself (and a directory holding only it) resolves to the cached conversion: no second one."""
     from qlora_fsdp.model import resolve_model_dir
 
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "model.gguf").symlink_to(smollm2_gguf)
     assert resolve_model_dir(smollm2_gguf) == smollm2_dir == resolve_model_dir(tmp_path / "only")
-    from_gguf, from_dir = (load_model(p, dtype=torch.bfloat16, device="cpu") for p in (smollm2_gguf, smollm2_dir))
+    from_gguf, from_dir = load_model(smollm2_gguf, dtype=torch.bfloat16, device="cpu"), ours
     assert "converting" not in capsys.readouterr().err
     assert from_gguf.config._name_or_path == str(smollm2_gguf)
     assert isinstance(from_gguf.model.layers[0].mlp.down_proj.weight, NF4Tensor)
     with torch.no_grad():
         assert torch.equal(from_gguf(input_ids=ids).logits, from_dir(input_ids=ids).logits)
-
-
-@pytest.mark.timeout(600)
-def test_the_cli_trains_on_the_gguf_file_and_exports_from_its_adapter(smollm2_gguf, smollm2_dir, tmp_path):
-    """`qlora-fsdp train --model file.gguf`: the adapter records the converted checkpoint as its base (a directory
-    peft can read a config from), and export loads it from there."""
-    import json
-
-    from qlora_fsdp.cli import main
-
-    rows = [{"prompt": f"First letter of {w}:", "completion": " " + w[0]} for w in WORDS]
-    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(smollm2_gguf), "--dataset", str(tmp_path / "task.jsonl"), "--max-steps", "2",
-                 "--batch-size", "4", "--max-length", "64", "--precision", "fp32", "--device", "cpu",
-                 "--output-dir", str(out)]) == 0  # fmt: skip
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(smollm2_dir)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2], records
-    assert main(["export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), "--merge", "--dtype",
-                 "fp32", "--device", "cpu"]) == 0  # fmt: skip
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert merged.config.num_hidden_layers == 30 and merged.config.hidden_size == 576
