@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,14 +296,34 @@ def _run_system(name: str, args, dirs: dict) -> list[dict]:
         cmd += ["--longest", "--longest-start", str(args.longest_start), "--longest-cap", str(args.longest_cap),
                 "--longest-budget-s", str(args.longest_budget_s)]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=system_env(name), timeout=args.timeout)
+        code, out, err = run_killable(cmd, system_env(name), args.timeout)
     except subprocess.TimeoutExpired:
         return [{"system": name, "error": f"no result within --timeout {args.timeout:.0f} s"}]
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         if line.startswith("PEERS_JSON "):
             return json.loads(line.removeprefix("PEERS_JSON "))
-    return [{"system": name, "error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
-             "trace": proc.stderr[-4000:]}]  # fmt: skip
+    return [{"system": name, "error": f"exit {code}: {(err.strip().splitlines() or ['?'])[-1]}",
+             "trace": err[-4000:]}]  # fmt: skip
+
+
+def run_killable(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of cmd run in a process group of its own; past `timeout` seconds, or when this
+    process is terminated, the whole group is killed (TimeoutExpired). subprocess.run's timeout kills the child
+    alone, then waits for its pipes, which Inductor's compile workers keep open: seen on an H200, a system past its
+    timeout hung the run and went on using the GPU after it was killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    kill = lambda *_: os.killpg(proc.pid, signal.SIGKILL)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, lambda *a: (kill(), sys.exit(143)))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        kill()
+        proc.communicate()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _tokenizer_into(dirs: dict) -> None:

@@ -32,3 +32,25 @@ def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
         assert "unsloth               not run: import failed" in proc.stdout
     config = json.loads((tmp_path / "ckpt" / "bnb4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+
+
+def test_a_system_past_its_timeout_is_killed_with_the_processes_it_started():
+    """A child that started a worker of its own (as Inductor's compile workers are) holding the same pipes: the
+    timeout returns at once and the worker is killed too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import subprocess as sp
+    import time
+
+    import peers
+
+    child = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+             " print(w.pid, flush=True); time.sleep(60)")  # fmt: skip
+    start = time.perf_counter()
+    try:
+        peers.run_killable([sys.executable, "-c", child], dict(os.environ), timeout=3)
+        raise AssertionError("no timeout")
+    except sp.TimeoutExpired:
+        pass
+    assert time.perf_counter() - start < 20
+    assert peers.run_killable([sys.executable, "-c", "print('PEERS_JSON []')"], dict(os.environ), 30)[:2] == (
+        0, "PEERS_JSON []\n")
