@@ -3,7 +3,8 @@
     python benchmarks/pareto.py [--bench peers] [--commit abc1234] [--gpu H200] [--out benchmarks/pareto.png]
 
 Takes the rows of `--bench` (peers.py's by default; train_step.py's work too) of one commit (by default the newest
-that has such rows) and one GPU model, the newest row per (system, shape). In each panel the points on the Pareto
+that has such rows) and one GPU model, the newest row per (system, shape); a --max-memory row that peaked past its
+budget is left out. In each panel the points on the Pareto
 front (no other point is both faster and leaner) are joined by a line; a system's label sits by its point.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results.jsonl")
@@ -19,7 +21,8 @@ RESULTS = Path(__file__).with_name("results.jsonl")
 def load_points(path: Path, bench: str, commit: str | None = None, gpu: str | None = None) -> tuple[dict, str, str]:
     """{(batch, seq): {system: (peak GB, tokens/s)}}, the commit and the GPU they come from."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("bench") == bench and "tokens_per_s" in r and "peak_gb" in r and not r.get("oom")]
+    rows = [r for r in rows if r.get("bench") == bench and "tokens_per_s" in r and "peak_gb" in r and not r.get("oom")
+            and not over_budget(r)]  # fmt: skip
     if gpu:
         rows = [r for r in rows if gpu.lower() in (r.get("gpu") or "").lower()]
     if not rows:
@@ -36,6 +39,11 @@ def load_points(path: Path, bench: str, commit: str | None = None, gpu: str | No
     for r in sorted(rows, key=lambda r: r.get("date", "")):  # the newest row per (system, shape) wins
         points.setdefault((r["batch"], r["seq"]), {})[r["system"]] = (r["peak_gb"], r["tokens_per_s"])
     return points, commit, gpus.pop() or "?"
+
+
+def over_budget(row: dict) -> bool:
+    """A --max-memory row (peers.py's ours_budget@peer) that peaked past its budget: not a point at that memory."""
+    return "budget_gb" in row and row["peak_gb"] > row["budget_gb"]
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -68,7 +76,7 @@ def draw(points: dict, title: str, out: Path) -> Path:
         ax.set_xlabel("peak GPU memory (GB)")
         ax.set_ylabel("tokens/s")
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 70 * len(shapes))), fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
