@@ -22,9 +22,10 @@ its documentation recommends for speed:
 
 Each system runs in its own process (Unsloth and Liger patch transformers for the whole process). A system that
 cannot be imported or run is reported with its exact error, and the others go on. Per system and shape: tokens/s,
-peak GPU memory, and the loss after the same steps: losses that disagree by more than --loss-tol with
-hf_peft_bnb's void the comparison (different math is not a speedup). --longest: the longest batch-1 sequence
-(train_step.longest). Rows go to results.jsonl (bench "peers"); benchmarks/pareto.py draws them.
+peak GPU memory, and the loss after the same steps (and of the first step, before any update): losses that
+disagree by more than --loss-tol with hf_peft_bnb's void the comparison (different math is not a speedup).
+--longest: the longest batch-1 sequence (train_step.longest). Rows go to results.jsonl (bench "peers");
+benchmarks/pareto.py draws them.
 
 A system's extra packages (carried as wheels: unsloth needs other transformers/trl/datasets versions than the rest)
 come first on its PYTHONPATH from $QLORA_PEERS_SITE_<SYSTEM> (e.g. QLORA_PEERS_SITE_UNSLOTH=/tmp/site_unsloth).
@@ -355,6 +356,9 @@ def print_table(rows: list[dict], tol: float) -> None:
                 rel = abs(r["loss"] - base["loss"]) / abs(base["loss"])
                 note = (f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s at {r['peak_gb'] / base['peak_gb']:.2f}x "
                         f"memory; loss {'agrees' if rel <= tol else 'DISAGREES'} ({rel:.1e})")  # fmt: skip
+                if rel > tol and r.get("first_loss") is not None and base.get("first_loss") is not None:
+                    first = abs(r["first_loss"] - base["first_loss"]) / abs(base["first_loss"])
+                    note += f", before any update {first:.1e}"  # the model's math, or the optimizer's?
             print(f"{r['system']:<20}{shape:>9}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}{r['loss']:>9.4f}  {note}")
         elif "longest_seq_batch1" in r:
             print(f"{r['system']:<20}  longest batch-1 sequence {r['longest_seq_batch1']:,} tokens")

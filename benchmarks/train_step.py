@@ -189,8 +189,7 @@ def free_memory(between_systems: bool = False):
 def time_shape(step, config, b, t, warmup, iters) -> dict:
     batch = make_batch(config, b, t)
     try:
-        for _ in range(warmup):
-            step(batch)
+        first = [step(batch) for _ in range(warmup)][:1]  # the loss before any update: the model's math alone
         sync()
         reset_peak()
         start = time.perf_counter()
@@ -205,7 +204,8 @@ def time_shape(step, config, b, t, warmup, iters) -> dict:
     return {"tokens_per_s": tok_s, "step_s": seconds, "peak_gb": peak_gb(),
             "mfu": lora_step_flops_per_token(config, t) * tok_s / PEAK_FLOPS,
             "of_dense": lora_step_flops_per_token(config, t) * tok_s / DENSE_MATMUL_FLOPS,
-            "mfu_6n": full_finetune_flops_per_token(config, t) * tok_s / PEAK_FLOPS, "loss": loss}  # fmt: skip
+            "mfu_6n": full_finetune_flops_per_token(config, t) * tok_s / PEAK_FLOPS, "loss": loss,
+            "first_loss": first[0] if first else None}  # fmt: skip
 
 
 def fits(step, config, t) -> bool:

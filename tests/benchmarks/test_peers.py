@@ -26,6 +26,9 @@ def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
     assert all(r["bench"] == "peers" and r["batch"] == 1 and r["seq"] == 48 for r in timed.values())
     # the same checkpoint, LoRA and batch: the same loss after the same steps (bnb's and our NF4 bytes are equal)
     assert abs(timed["ours_ac"]["loss"] - timed["hf_peft_bnb"]["loss"]) <= 1e-3 * timed["hf_peft_bnb"]["loss"]
+    # and before any update (the first warmup step), where a disagreement is the model's math, not the optimizer's
+    first = [timed[s]["first_loss"] for s in ("ours_ac", "hf_peft_bnb")]
+    assert abs(first[0] - first[1]) <= 1e-3 * first[1] and first != [timed[s]["loss"] for s in ("ours_ac", "hf_peft_bnb")]
     if "unsloth" not in sys.modules and not any((Path(p) / "unsloth").exists() for p in sys.path if p):
         failed = [r for r in rows if r["system"] == "unsloth"]
         assert failed and "import failed" in failed[0]["error"] and "unsloth" in failed[0]["error"]
