@@ -67,6 +67,18 @@ def test_a_cpu_run_passes_its_checks(tmp_path):
     assert all(r["passed"] for r in rows if "path" in r)
 
 
+@pytest.mark.timeout(120)
+def test_paths_past_the_deadline_are_not_run_and_the_summary_is_printed(tmp_path):
+    """--deadline (a device call's time limit): the workers are stopped, what has no result is NOT RUN, the summary
+    still comes, and the exit status says the gate is not green."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--config", "tiny",
+                           "--layers", "1", "--seq", "32", "--steps", "2", "--only", "^1gpu/accum4/bf16$",
+                           "--deadline", "1"], capture_output=True, text=True, env=cpu_env(tmp_path), timeout=100)  # fmt: skip
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert "NOT RUN 1gpu/accum4/bf16" in proc.stdout and "not finished within --deadline 1 s" in proc.stdout
+    assert "gate: 0/0 passed, 1 not run (not finished within --deadline 1 s)" in proc.stdout, proc.stdout[-2000:]
+
+
 @pytest.mark.timeout(300)
 def test_the_t4_emulation_runs_on_cpu(tmp_path):
     """--emulate t4 on CPU processes (gloo), a tiny config: it writes the 16-bit and the bnb-4bit checkpoint of one
