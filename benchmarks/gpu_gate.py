@@ -248,6 +248,13 @@ class WorkerGroup:
         print(f"\n[gate] {path['name']}: {r['status']} in {r.get('seconds', float('nan')):.0f} s "
               f"{r.get('error', '')}".rstrip(), flush=True)  # fmt: skip
 
+    def abandon(self) -> list[dict]:
+        """Stop the workers; the paths left without a result (the running one included), which are no longer
+        this group's."""
+        self._stop()
+        left, self.todo = self.todo, []
+        return left
+
     def _stop(self) -> None:
         for p in self.procs:
             if p.is_alive():
@@ -260,12 +267,7 @@ def run_groups(groups: list[WorkerGroup], deadline: float | None = None) -> list
     stopped and the paths without a result returned (the one running among them included)."""
     while any([g.poll() for g in groups]):
         if deadline is not None and time.monotonic() > deadline:
-            cut = []
-            for g in groups:
-                g._stop()
-                cut += g.todo
-                g.todo = []
-            return cut
+            return [path for g in groups for path in g.abandon()]
         time.sleep(0.5)
     return []
 

@@ -4,8 +4,8 @@
 
 Takes the rows of `--bench` (peers.py's by default; train_step.py's work too) of one commit (by default the newest
 that has such rows) and one GPU model, the newest row per (system, shape); a --max-memory row that peaked past its
-budget is left out. In each panel the points on the Pareto
-front (no other point is both faster and leaner) are joined by a line; a system's label sits by its point.
+budget is left out. In each panel the points on the Pareto front (no other point is both faster and leaner) are
+joined by a line; a system's label sits by its point.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ come first on its PYTHONPATH from $QLORA_PEERS_SITE_<SYSTEM> (e.g. QLORA_PEERS_S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -314,7 +315,11 @@ def run_killable(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, s
     timeout hung the run and went on using the GPU after it was killed."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # fmt: skip
-    kill = lambda *_: os.killpg(proc.pid, signal.SIGKILL)  # noqa: E731
+
+    def kill(*_):
+        with contextlib.suppress(ProcessLookupError):  # the whole group may have exited already
+            os.killpg(proc.pid, signal.SIGKILL)
+
     previous = signal.signal(signal.SIGTERM, lambda *a: (kill(), sys.exit(143)))
     try:
         out, err = proc.communicate(timeout=timeout)
