@@ -130,3 +130,27 @@ def lora_step_flops_per_token(config, seq: int, lora_r: int = 16) -> float:
     n_base = layers * sum(i * o for i, o in linears) + d * config.vocab_size
     lora = layers * sum(6 * lora_r * (i + o) for i, o in linears)
     return 4 * n_base + 6 * layers * seq * q + lora
+
+
+def model_config(name: str, layers: int | None = None):
+    """A benchmark model's transformers config by name, optionally cut to `layers` decoder layers:
+    "llama-3.1-8b" and "llama-3.1-70b" (the real models' shapes: random weights, plain RoPE), or "tiny" (CPU
+    smoke tests; every width divisible for 2-way NF4 sharding)."""
+    import transformers
+
+    from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
+
+    if name == "llama-3.1-8b":
+        config = llama_3_1_8b_config()
+    elif name == "llama-3.1-70b":
+        config = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                          max_position_embeddings=131072, tie_word_embeddings=False)  # fmt: skip
+    elif name == "tiny":
+        config = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    else:
+        raise ValueError(f"unknown model config '{name}': llama-3.1-8b, llama-3.1-70b or tiny")
+    if layers is not None:
+        config.num_hidden_layers = layers
+    return config

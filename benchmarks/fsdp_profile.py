@@ -221,7 +221,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="steps under the profiler")
     p.add_argument("--pcie-gbs", type=float, default=10.0, help="assumed T4-to-T4 bandwidth, GB/s, one direction")
     p.add_argument("--t4-tflops", type=float, default=25.0, help="assumed fp16 matmul rate a T4 reaches, TFLOP/s")
-    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--config", choices=["llama-3.1-8b", "llama-3.1-70b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even where GPUs exist: a smoke test")
     args = p.parse_args()
     if args.cpu:

@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from common import append_results, environment  # noqa: E402
 
 LEAN = {"compile": True, "chunked_loss": True, "activation_checkpointing": True, "offload_activations": True,
@@ -117,22 +118,15 @@ def gate_paths() -> list[dict]:
 
 
 def model_config(name: str, layers: int, real_model: str = ""):
+    """common.model_config's shapes, the pretrained model ("real", all of its layers) and SmolLM2-135M's widths."""
     import transformers
 
-    from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
-
-    if name == "real":  # the pretrained model, all of its layers
+    if name == "real":
         return transformers.AutoConfig.from_pretrained(real_model)
-
-    if name == "tiny":  # a CPU smoke test of the script (gloo): every shape divisible for 2-way NF4 sharding
-        return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                        num_key_value_heads=2, num_hidden_layers=layers)  # fmt: skip
     if name == "smollm2-widths":  # HuggingFaceTB/SmolLM2-135M's shapes, random weights
         return transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                         num_key_value_heads=3, num_hidden_layers=layers, tie_word_embeddings=True)  # fmt: skip
-    config = llama_3_1_8b_config()
-    config.num_hidden_layers = layers
-    return config
+    return common.model_config(name, layers)
 
 
 # -- workers --------------------------------------------------------------------------------------------------------
@@ -166,7 +160,8 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
     for path in paths:
         idx = path["index"]
         (out / f"{idx}.started").write_text(str(time.time()))
-        ctx["config"] = model_config(path["model"] or args["config"], args["layers"], args["real_model"])
+        shape = None if path["kind"] == "t4" else path["model"]  # a t4 path's "model" is its checkpoint's format
+        ctx["config"] = model_config(shape or args["config"], args["layers"], args["real_model"])
         ctx["real_model"] = args["real_model"]
         ctx["scratch"] = Path(tempfile.mkdtemp(prefix=f"gate{idx}-"))
         start = time.perf_counter()
@@ -324,7 +319,7 @@ def main() -> int:
     p.add_argument("--t4-dir", default=str(Path(tempfile.gettempdir()) / "qlora_t4_checkpoints"),
                    help="where --emulate t4 writes its two checkpoints (about 22 GB at 32 layers)")
     p.add_argument("--only", default="", help="run the paths whose names match this regular expression (and their refs)")
-    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--config", choices=["llama-3.1-8b", "llama-3.1-70b", "tiny"], default="llama-3.1-8b")
     p.add_argument("--cpu", action="store_true", help="a smoke test of the script on CPU processes (gloo)")
     p.add_argument("--real-model", default=os.environ.get("QLORA_GATE_REAL_MODEL", ""),
                    help="SmolLM2-135M-Instruct as a GGUF file or checkpoint directory: runs the real-model paths")

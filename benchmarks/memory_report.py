@@ -1,40 +1,109 @@
-"""Bytes per rank at rest for Llama-3.1-8B QLoRA (r=16 on all 7 projections) under FSDP2, N = 1, 2, 4, 8.
+"""The memory model: bytes per rank at rest and at a training step's peak, for QLoRA (r=16 on all 7 projections)
+under FSDP2 on N = 1, 2, 4, 8 ranks, computed from the model's shapes on the meta device (no GPU needed).
 
-    python benchmarks/memory_report.py
+    python benchmarks/memory_report.py [--config llama-3.1-8b|llama-3.1-70b] [--seq 2048] [--chunked-loss]
 
-Computed from the model's shapes on the meta device (no GPU needed): base (NF4 linears + 16-bit embeddings,
-norms and lm_head), LoRA weights, their gradients and AdamW states. Activations are not included; the measured
-peaks (activations, gathered layers and logits included) follow, from the GPU runs recorded in results.jsonl
-(benchmarks/train_step.py and benchmarks/multi_gpu.py).
+At rest (qlora_fsdp.parallel.sizing.bytes_at_rest): the base (NF4 linears, 16-bit embeddings, norms and lm_head),
+LoRA weights, their gradients and AdamW states, each 1/N a rank. The peak of a step with activation checkpointing,
+one microbatch of 1 x seq a rank (step_peak):
+
+    at rest on the GPU            bytes_at_rest(N) (0 with CPU offload: FSDP2 keeps every shard in host memory)
+  + gathered (N > 1)              2 decoder layers (the one computing and the one prefetched: NF4 bytes + bf16 LoRA)
+                                  + the whole lm_head (gathered from its forward to its backward)
+  + checkpointed layer inputs     L x seq x hidden x 2
+  + one layer's activations       ACTIVATION_FACTOR x seq x (hidden + intermediate) x 2: the layer being recomputed
+  + dequantized weights           2 x the largest decoder linear in 16 bits
+  + the loss                      10 bytes a logit (bf16 logits, fp32 copy, fp32 gradient) for seq x vocab logits,
+                                  or for one chunk of about 2^26 logits with --chunked-loss
+
+ACTIVATION_FACTOR is measured: a kept (not checkpointed) eager layer of the 8B shape adds 0.357 GB at 1 x 2048 on an
+H200 (docs/design/memory_budget.md), 0.374 GB with the 16.8 MB input it replaces. The measured peaks in
+results.jsonl (benchmarks/multi_gpu.py, the same setup) are printed beside the model.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, append_results, environment  # noqa: E402
+from common import RESULTS, append_results, environment, model_config  # noqa: E402
 
-from qlora_fsdp.parallel.sizing import bytes_at_rest, format_report, llama_3_1_8b_config  # noqa: E402
+from qlora_fsdp.parallel.sizing import bytes_at_rest, format_report, nf4_nbytes  # noqa: E402
+
+ACTIVATION_FACTOR = 0.374e9 / (2048 * (4096 + 14336) * 2)  # ~4.95: see the module docstring
+CHUNK_LOGITS = 2**26  # --chunked-loss's default chunk (training/chunked_loss)
+WORLD_SIZES = (1, 2, 4, 8)
+
+
+def _linear_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of each decoder layer's 7 linears."""
+    d, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, inter), (d, inter), (inter, d)]
+
+
+def step_peak(config, world: int, seq: int, *, cpu_offload: bool = False, chunked_loss: bool = False,
+              lora_r: int = 16) -> dict[str, float]:  # fmt: skip
+    """{term: bytes} of one rank's predicted peak (module docstring) and their "total"."""
+    h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    shapes = _linear_shapes(config)
+    layer_bytes = sum(nf4_nbytes(i * o)[0] + 2 * lora_r * (i + o) for i, o in shapes)
+    logits = min(seq * vocab, CHUNK_LOGITS) if chunked_loss else seq * vocab
+    terms = {
+        "at_rest": 0.0 if cpu_offload else bytes_at_rest(config, world, lora_r)["total"],
+        "gathered": 2 * layer_bytes + 2 * vocab * h if world > 1 else 0.0,
+        "checkpointed_inputs": layers * seq * h * 2,
+        "layer_activations": ACTIVATION_FACTOR * seq * (h + inter) * 2,
+        "dequantized": 2 * 2 * max(i * o for i, o in shapes),
+        "loss": 10 * logits,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def measured_rows(path: Path = RESULTS) -> list[dict]:
+    """benchmarks/multi_gpu.py's rows with checkpointing (the setup step_peak models)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in rows if r.get("bench") == "multi_gpu_train" and r.get("ac") and "peak_gb_per_gpu" in r]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="llama-3.1-8b", choices=["llama-3.1-8b", "llama-3.1-70b"])
+    p.add_argument("--seq", type=int, default=2048, help="tokens of a rank's microbatch (batch 1)")
+    p.add_argument("--chunked-loss", action="store_true")
+    args = p.parse_args()
+    config = model_config(args.config)
+    print(f"{args.config}, QLoRA r=16 on all 7 projections, bytes per rank at rest (computed)")
+    print(format_report(config))
+    print(f"\npredicted peak per rank, checkpointing, 1 x {args.seq} a rank"
+          f"{', chunked loss' if args.chunked_loss else ''} (GB)")  # fmt: skip
+    print(f"{'ranks':>5} {'GPU-resident':>13} {'CPU offload':>12}")
+    for n in WORLD_SIZES:
+        resident, offload = (step_peak(config, n, args.seq, cpu_offload=o, chunked_loss=args.chunked_loss)["total"]
+                             for o in (False, True))  # fmt: skip
+        print(f"{n:>5} {resident / 1e9:>13.2f} {offload / 1e9 if n > 1 else float('nan'):>12.2f}")
+    env = environment()
+    append_results([{**env, "bench": "memory_at_rest", "config": args.config, "ranks": n, **bytes_at_rest(config, n)}
+                    for n in WORLD_SIZES])  # fmt: skip
+    if args.config != "llama-3.1-8b":
+        return
+    rows = measured_rows()
+    if rows:
+        print("\nmeasured peaks (benchmarks/multi_gpu.py, torch.cuda.max_memory_allocated) against the model:")
+    for r in rows:
+        predicted = step_peak(config, r["world"], r["seq"], cpu_offload=r["cpu_offload"])["total"] / 1e9
+        measured = max(r["peak_gb_per_gpu"])
+        print(f"  {r['world']} GPU(s), {r['precision']}{' + CPU offload' if r['cpu_offload'] else ''}, 1 x {r['seq']}: "
+              f"{measured:.2f} GB measured, {predicted:.2f} predicted ({predicted / measured - 1:+.1%})  "
+              f"({r['gpu']}, {r['commit']})")  # fmt: skip
+
 
 if __name__ == "__main__":
-    config = llama_3_1_8b_config()
-    print("Llama-3.1-8B, QLoRA r=16 on all 7 projections, bytes per rank at rest (computed)")
-    print(format_report(config))
-    env = environment()
-    append_results([{**env, "bench": "memory_at_rest", "ranks": n, **bytes_at_rest(config, n)} for n in (1, 2, 4, 8)])
-
-    import json
-
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
-    measured = [r for r in rows if r.get("bench") == "train_step" and r.get("system") == "ours" and "peak_gb" in r]
-    measured += [r for r in rows if r.get("bench") == "multi_gpu_train"]
-    if measured:
-        print("\nmeasured peaks (torch.cuda.max_memory_allocated, model included):")
-    for r in measured:
-        if r["bench"] == "train_step":
-            print(f"  1 GPU, our step, batch {r['batch']} x {r['seq']}: {r['peak_gb']:.1f} GB  ({r['gpu']}, {r['date'][:10]})")
-        else:
-            print(f"  {r['world']} GPU(s), {r['precision']}{' + CPU offload' if r['cpu_offload'] else ''}, microbatch 1 x "
-                  f"{r['seq']}: {max(r['peak_gb_per_gpu']):.1f} GB per GPU  ({r['gpu']}, {r['date'][:10]})")
+    main()

@@ -31,18 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, copy_task_batches, environment  # noqa: E402
-
-
-def model_config(name: str):
-    from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
-
-    if name == "tiny":  # a CPU smoke test of the script (gloo)
-        import transformers
-
-        return transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    return llama_3_1_8b_config()
+from common import append_results, copy_task_batches, environment, model_config  # noqa: E402
 
 
 def _join(rank: int, world: int, port: int) -> str:
@@ -215,7 +204,7 @@ def main() -> None:
     p.add_argument("--schedules", default="gpipe,1f1b,interleaved_zb,zbv",
                    help="zero-bubble ones with ':torch' use torch's weight pass (one autograd call per group)")
     p.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
-    p.add_argument("--config", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b")
+    p.add_argument("--config", choices=["llama-3.1-8b", "llama-3.1-70b", "tiny"], default="llama-3.1-8b")
     args = p.parse_args()
     args.pp = args.pp or args.gpus
     parts = set(args.parts.split(","))

@@ -133,20 +133,25 @@ def _write_shards(entries, out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def write_checkpoints(config, root: Path, device: str = "cuda:0") -> dict[str, str]:
-    """The 16-bit and bnb-4bit checkpoints of one random model under `root` (kept: written once per root)."""
+def write_checkpoints(config, root: Path, device: str = "cuda:0", formats: tuple[str, ...] = ("16bit", "bnb4")
+                      ) -> dict[str, str]:  # fmt: skip
+    """The 16-bit and/or bnb-4bit (`formats`) checkpoints of one random model under `root` (kept: written once per
+    root). Streamed: one tensor at a time on `device`, one shard (SHARD_BYTES) at a time on the host."""
     from qlora_fsdp.nf4 import quantize_nf4
     from qlora_fsdp.nf4.bnb import nf4_to_state_dict
 
-    dirs = {"16bit": root / "16bit", "bnb4": root / "bnb4"}
-    if all((d / "model.safetensors.index.json").is_file() for d in dirs.values()):
+    dirs = {f: root / f for f in formats}
+    if all((d / "model.safetensors.index.json").is_file() and (d / "config.json").is_file() for d in dirs.values()):
         return {k: str(v) for k, v in dirs.items()}
     linears = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.", ".up_proj.", ".down_proj.")
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     config.dtype = torch.bfloat16
-    config.save_pretrained(dirs["16bit"])
-    _write_shards(_tensors(config, device), dirs["16bit"])
+    if "16bit" in dirs:
+        config.save_pretrained(dirs["16bit"])
+        _write_shards(_tensors(config, device), dirs["16bit"])
+    if "bnb4" not in dirs:
+        return {k: str(v) for k, v in dirs.items()}
 
     def quantized():
         for name, t in _tensors(config, device):
