@@ -7,7 +7,7 @@ torch.cuda.set_per_process_memory_fraction (an allocation past it raises out-of-
 thread samples its host memory (RssAnon: what the process holds itself; the page cache of the memory-mapped
 checkpoint, shared by the ranks, is not counted). At the end DIR/peaks-<rank>.json holds
 {rank, cap_gb, gpu_peak_gb (allocated), gpu_reserved_gb, host_anon_gb, host_hwm_gb (VmHWM, mapped files included),
-rc}. On a CPU run (--device cpu, gloo) there is nothing to cap; the host peaks are still written.
+rc, wall_s (the CLI's whole run: loading, sharding, training, saving)}. On a CPU run (--device cpu, gloo) there is nothing to cap; the host peaks are still written.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu and args.cap_gb:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total), device)
-    rc = 1
+    rc, start = 1, time.perf_counter()
     with AnonymousPeak() as anon:
         try:
             rc = cli_main(cli_args)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             peaks = {"rank": rank, "cap_gb": args.cap_gb if on_gpu else None, "rc": rc,
                      "gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None,
                      "gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if on_gpu else None}  # fmt: skip
-    peaks |= {"host_anon_gb": anon.gb, "host_hwm_gb": host_peak_gb()}
+    peaks |= {"host_anon_gb": anon.gb, "host_hwm_gb": host_peak_gb(), "wall_s": time.perf_counter() - start}
     Path(args.peaks_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.peaks_dir) / f"peaks-{rank}.json").write_text(json.dumps(peaks))
     return rc

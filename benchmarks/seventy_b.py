@@ -70,6 +70,10 @@ def write_model(config_name: str, root: Path, device: str, layers: int | None) -
     for f in embedded_model_dir().glob("*token*"):
         if f.is_file() and not (model_dir / f.name).exists():
             shutil.copy(f, model_dir / f.name)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()  # what writing cached on GPU 0 goes back before rank 0 starts there
     return str(model_dir), time.perf_counter() - start
 
 
@@ -122,7 +126,7 @@ def main() -> int:
     losses = [r["loss"] for r in records]
     tokens_per_s = steady_tokens_per_s(records, args.gpus)
     print(f"\n{args.config} ({config.num_hidden_layers} layers), {args.gpus} ranks, 1 x {args.seq} a rank and step, "
-          f"cap {args.cap_gb:g} GB: rc {rc}")  # fmt: skip
+          + (f"cap {args.cap_gb:g} GB a GPU" if args.device == "cuda" else "gloo on CPU") + f": rc {rc}")  # fmt: skip
     if rc != 0:
         print(tail)
     print("losses: " + " ".join(f"{x:.4f}" for x in losses))
@@ -130,6 +134,9 @@ def main() -> int:
         gpu = "-" if pk["gpu_peak_gb"] is None else f"{pk['gpu_peak_gb']:.2f} GB (reserved {pk['gpu_reserved_gb']:.2f})"
         print(f"rank {pk['rank']}: GPU peak {gpu}, host peak {pk['host_anon_gb']:.1f} GB anonymous "
               f"({pk['host_hwm_gb']:.1f} GB with mapped files)")  # fmt: skip
+    if records and peaks:  # the rest of a worker's run: loading, sharding, the first (warm-up) step's set-up, saving
+        print(f"wall {max(pk['wall_s'] for pk in peaks):.0f} s a rank, of which {records[-1]['elapsed_s']:.0f} s the "
+              f"{len(records)} steps")  # fmt: skip
     flops = lora_step_flops_per_token(config, args.seq)
     print(f"tokens/s (all ranks, steps 2-{len(records)}): {tokens_per_s:.0f}  ({tokens_per_s * flops / 1e12:.0f} "
           f"TFLOP/s of 4N + attention + LoRA over {args.gpus} ranks)")  # fmt: skip
