@@ -16,6 +16,8 @@ batches of 1 x --seq tokens of a copy task (gate_runs.py). Paths:
     2 GPUs     --nproc 2: bf16, fp16 and fp32 (FSDP2 mixed precision), CPU offload, checkpointing, 2-step
                accumulation, compile + chunked loss + checkpointing, Trainer and SFTTrainer with shard_for_trainer;
                --nproc 2 --pp 2: every schedule, 1F1B with --compile, 1F1B and ZBV in fp16
+    4 GPUs     --nproc 4 (FSDP2) and --nproc 4 --pp 2 (2 stages x 2 FSDP2 replicas) with every schedule, against 1 GPU
+               with 4 batches a step
     --emulate t4: instead of all of the above, the 2x T4 recipe on 8B-shape checkpoints under a 15 GB cap per process,
                the package told every GPU is sm75 (t4_recipe.py)
 Checks: every loss finite; where a path promises equality, its per-step losses against its reference's: 2 GPUs vs 1
@@ -23,9 +25,9 @@ Checks: every loss finite; where a path promises equality, its per-step losses a
 schedules within 1e-3, resume against the uninterrupted run, compiled against eager on the first step within 1e-2.
 
 The 1-GPU paths are spread over the GPUs (one worker process each); the 2-GPU paths run in one pair of ranks beside
-them, on the same GPUs (--phases: after them, so that tokens/s are a GPU's alone). A path that raises, or runs past
---path-timeout, is FAIL; its worker is restarted for the paths after it. On a machine with one GPU the 2-GPU paths
-are listed as not run. Prints one line per path, then "gate: N/M passed", and
+them, on the same GPUs (--phases: after them, so that tokens/s are a GPU's alone); the 4-GPU paths run after all of
+them. A path that raises, or runs past --path-timeout, is FAIL; its worker is restarted for the paths after it. Paths
+that need more GPUs than the machine has are listed as not run (--cpu: 4 gloo processes stand for 4 GPUs). Prints one line per path, then "gate: N/M passed", and
 appends the rows to benchmarks/results.jsonl ($QLORA_RESULTS).
 """
 
@@ -114,6 +116,10 @@ def gate_paths() -> list[dict]:
     add("pp2/1f1b-compile/bf16", pp_schedule="1f1b", compile=True, **{**pp, "tol": COMPILED_FIRST_STEP, "steps": 1})
     for schedule in ("1f1b", "zbv"):  # fp16: the loss scaled through the schedule, found-inf shared by the stages
         add(f"pp2/{schedule}/fp16", pp_schedule=schedule, precision="fp16", **{**pp, "ref": "1gpu/accum4/fp16"})
+    four = {"gpus": 4, "ref": "1gpu/accum4/bf16", "tol": TOL["bf16"]}  # the same 4 batches a step as the reference
+    add("4gpu/default/bf16", accum=1, **four)
+    for schedule in ("gpipe", "1f1b", "interleaved_zb", "zbv"):  # 2 stages x 2 replicas, 2 microbatches a replica
+        add(f"pp2x2/{schedule}/bf16", accum=2, pp=2, pp_schedule=schedule, **four)
     return paths
 
 
@@ -331,7 +337,7 @@ def main() -> int:
     args = p.parse_args()
     args.layers = args.layers or (32 if args.emulate else 4)
     args.steps = args.steps or (20 if args.emulate else 6)
-    gpus = torch.cuda.device_count() if not args.cpu else 2
+    gpus = torch.cuda.device_count() if not args.cpu else 4
     checkpoints = None
     if args.emulate == "t4":
         from t4_recipe import CAPABILITY, t4_paths, write_checkpoints
@@ -384,6 +390,11 @@ def main() -> int:
     elif two:  # by default beside the 1-GPU workers, on the same GPUs: each path's losses and peak memory are its own,
         groups.append(WorkerGroup(2, 0, two, wargs, out, args.path_timeout))  # its tokens/s shares the GPU
     cut += run_groups(groups, deadline)
+    four = [x for x in runnable if x["gpus"] == 4]
+    if four and cut:
+        cut += four
+    elif four:  # after the others: ranks on GPUs 0-3, which the 1- and 2-GPU workers used
+        cut += run_groups([WorkerGroup(4, 0, four, wargs, out, args.path_timeout)], deadline)
     seconds = time.perf_counter() - start
     skipped |= {x["name"]: f"not finished within --deadline {args.deadline:.0f} s" for x in cut}
     runnable = [x for x in runnable if x["name"] not in skipped]

@@ -28,6 +28,10 @@ def test_the_paths_cover_every_recipe_schedule_and_reference():
     two = {p["name"] for p in paths if p["gpus"] == 2}
     assert {"2gpu/cpu-offload/bf16", "2gpu/compile-chunked-ac/bf16", "2gpu/trainer/bf16", "2gpu/sft/bf16"} <= two
     assert {p["tol"] for p in paths if p["ref"] and p["name"].endswith("fp32")} == {1e-4}
+    four = {p["name"]: p for p in paths if p["gpus"] == 4}  # FSDP2 on 4, and 2 stages x 2 replicas per schedule
+    assert set(four) == {"4gpu/default/bf16"} | {f"pp2x2/{s}/bf16" for s in ("gpipe", "1f1b", "interleaved_zb", "zbv")}
+    for p in four.values():  # the reference's 4 batches a step: accum x data-parallel replicas
+        assert p["ref"] == "1gpu/accum4/bf16" and p["accum"] * 4 // p["options"].get("pp", 1) == 4
     real = {p["name"]: p for p in paths if p["model"] == "real"}  # a pretrained model: trained on 1 and 2, generation
     assert real["2gpu/smollm2-real/fp32"]["ref"] == "1gpu/smollm2-real/fp32"
     assert real["1gpu/smollm2-real-generate/bf16"]["kind"] == "generate"
@@ -52,18 +56,19 @@ def cpu_env(tmp_path) -> dict:
 
 @pytest.mark.timeout(300)
 def test_a_cpu_run_passes_its_checks(tmp_path):
-    only = "^(2gpu/default/bf16|pp2/zbv/bf16|1gpu/resume/bf16|2gpu/smollm2-widths/bf16|2gpu/smollm2-real/fp32)$"
+    only = ("^(2gpu/default/bf16|pp2/zbv/bf16|1gpu/resume/bf16|2gpu/smollm2-widths/bf16|2gpu/smollm2-real/fp32|"
+            "pp2x2/zbv/bf16)$")
     # (and their references); the embedded model stands in for the pretrained one
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_gate.py"), "--cpu", "--config", "tiny",
                            "--layers", "4", "--seq", "64", "--steps", "3", "--only", only, "--real-model", "embedded"],
                           capture_output=True,
                           text=True, env=cpu_env(tmp_path), timeout=280)  # fmt: skip
-    assert proc.returncode == 0 and "gate: 9/9 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0 and "gate: 10/10 passed" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["path"] for r in rows if "path" in r} == {"1gpu/default/bf16", "1gpu/accum4/bf16", "1gpu/resume/bf16",
                                                         "2gpu/default/bf16", "pp2/zbv/bf16", "1gpu/smollm2-widths/bf16",
                                                         "2gpu/smollm2-widths/bf16", "1gpu/smollm2-real/fp32",
-                                                        "2gpu/smollm2-real/fp32"}  # fmt: skip
+                                                        "2gpu/smollm2-real/fp32", "pp2x2/zbv/bf16"}  # fmt: skip
     assert all(r["passed"] for r in rows if "path" in r)
 
 
