@@ -2,7 +2,7 @@
 on --gpus ranks, each process capped at --cap-gb of GPU memory.
 
     python benchmarks/seventy_b.py                     # nvidia-h200-x2: 70B shape, 2 ranks x 24 GB, 10 steps of 1 x 2048
-    python benchmarks/seventy_b.py --config tiny --device cpu --steps 3 --seq 128      # CPU smoke test (gloo ranks)
+    python benchmarks/seventy_b.py --config tiny --reference tiny --device cpu --steps 3 --seq 128   # CPU (gloo ranks)
 
 1. Writes the model's bnb-4bit checkpoint with random weights to --dir, one tensor at a time on the GPU and one 4 GB
    shard at a time on the host (t4_recipe.write_checkpoints; about 40 GB at 70B, kept for the next run), with the
@@ -12,8 +12,9 @@ on --gpus ranks, each process capped at --cap-gb of GPU memory.
 3. Runs the train command (train_command: the README's line) under torchrun, one benchmarks/capped_cli.py worker a
    rank: its GPU capped, its host memory sampled.
 4. Reports each rank's GPU peak, host peaks (anonymous, and with the mapped checkpoint), the losses, tokens/s (all
-   ranks, from the second step) and the memory model's prediction (memory_report.step_peak) for N = 2, 4, 8, and
-   appends a "seventy_b" row to results.jsonl.
+   ranks, from the second step) and the memory model's prediction (memory_report.step_peak) for N = 2, 4, 8.
+5. Runs the --reference model (the 8B shape) the same way, its weights on the GPUs (no offload), under the same cap:
+   the target is its tokens/s x its FLOPs a token / the 70B's (about 1/8). Appends "seventy_b" rows to results.jsonl.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from memory_report import step_peak  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def train_command(model_dir: str, data: str, out: str, *, gpus: int, steps: int, seq: int, device: str) -> list[str]:
-    """The CLI's arguments: FSDP2 over `gpus` ranks with CPU offload on GPUs (70B's NF4 base is 18.4 GB a rank at
-    N = 2, its predicted GPU-resident peak 29 GB), checkpointing, the chunked loss, 1 x seq a rank and step."""
+def train_command(model_dir: str, data: str, out: str, *, gpus: int, steps: int, seq: int, device: str,
+                  offload: bool = True) -> list[str]:  # fmt: skip
+    """The CLI's arguments: FSDP2 over `gpus` ranks, with CPU offload on GPUs where `offload` (70B's NF4 base is
+    18.4 GB a rank at N = 2, its predicted peak with the weights on the GPU 29 GB), checkpointing, the chunked loss,
+    1 x seq a rank and step."""
     cmd = ["train", "--model", model_dir, "--dataset", data, "--nproc", str(gpus), "--max-steps", str(steps),
            "--max-length", str(seq), "--batch-size", "1", "--activation-checkpointing", "--chunked-loss",
            "--lr", "2e-4", "--warmup-steps", "1", "--prompt-format", "raw", "--output-dir", out]  # fmt: skip
-    return cmd + (["--device", "cpu"] if device == "cpu" else ["--cpu-offload"])
+    return cmd + (["--device", "cpu"] if device == "cpu" else ["--cpu-offload"] if offload else [])
 
 
 def write_copy_task(path: Path, examples: int, seq: int, seed: int = 0) -> Path:
@@ -77,14 +80,14 @@ def write_model(config_name: str, root: Path, device: str, layers: int | None) -
     return str(model_dir), time.perf_counter() - start
 
 
-def run_workers(args, model_dir: str, work: Path) -> tuple[int, list[dict], list[dict], str]:
+def run_workers(args, model_dir: str, work: Path, offload: bool) -> tuple[int, list[dict], list[dict], str]:
     """torchrun over --gpus capped_cli.py workers; (rc, metrics.jsonl records, per-rank peaks, output tail)."""
     out, peaks_dir = work / "run", work / "peaks"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(peaks_dir, ignore_errors=True)
     data = write_copy_task(work / "copy_task.jsonl", 2 * args.gpus, args.seq)
     cli = train_command(model_dir, str(data), str(out), gpus=args.gpus, steps=args.steps, seq=args.seq,
-                        device=args.device)  # fmt: skip
+                        device=args.device, offload=offload)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
            str(HERE / "capped_cli.py"), "--cap-gb", str(args.cap_gb), "--peaks-dir", str(peaks_dir), "--", *cli]  # fmt: skip
     print("[70b] qlora-fsdp " + " ".join(cli), flush=True)
@@ -105,27 +108,17 @@ def steady_tokens_per_s(records: list[dict], ranks: int) -> float:
     return tokens / (records[-1]["elapsed_s"] - records[0]["elapsed_s"])
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="llama-3.1-70b", choices=["llama-3.1-70b", "llama-3.1-8b", "tiny"])
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the config's)")
-    p.add_argument("--gpus", type=int, default=2, help="ranks (GPUs, or gloo processes with --device cpu)")
-    p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory a process may use")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seq", type=int, default=2048, help="tokens a rank and step (batch 1)")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "qlora_70b"), help="checkpoint and run folder")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds the training may take")
-    args = p.parse_args()
-    work = Path(args.dir)
-    model_dir, write_s = write_model(args.config, work, "cuda:0" if args.device == "cuda" else "cpu", args.layers)
+def run_model(args, name: str, offload: bool, role: str) -> dict:
+    """Write `name`'s checkpoint under --dir/role, train it on args.gpus capped ranks, print the report; its row."""
+    work = Path(args.dir) / role
+    model_dir, write_s = write_model(name, work, "cuda:0" if args.device == "cuda" else "cpu", args.layers)
     disk_gb = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e9
-    print(f"[70b] {args.config} bnb-4bit checkpoint: {disk_gb:.1f} GB in {model_dir} ({write_s:.0f} s)", flush=True)
-    rc, records, peaks, tail = run_workers(args, model_dir, work)
-    config = model_config(args.config, args.layers)
+    print(f"[70b] {name} bnb-4bit checkpoint: {disk_gb:.1f} GB in {model_dir} ({write_s:.0f} s)", flush=True)
+    rc, records, peaks, tail = run_workers(args, model_dir, work, offload)
+    config = model_config(name, args.layers)
     losses = [r["loss"] for r in records]
     tokens_per_s = steady_tokens_per_s(records, args.gpus)
-    print(f"\n{args.config} ({config.num_hidden_layers} layers), {args.gpus} ranks, 1 x {args.seq} a rank and step, "
+    print(f"\n{name} ({config.num_hidden_layers} layers), {args.gpus} ranks, 1 x {args.seq} a rank and step, "
           + (f"cap {args.cap_gb:g} GB a GPU" if args.device == "cuda" else "gloo on CPU") + f": rc {rc}")  # fmt: skip
     if rc != 0:
         print(tail)
@@ -144,16 +137,45 @@ def main() -> int:
                  for n in (2, 4, 8) for o in (True, False)}  # fmt: skip
     print("memory model (memory_report.step_peak), GB a rank: " + ", ".join(
         f"N={n}{' offload' if o else ''} {gb:.2f}" for (n, o), gb in predicted.items()))  # fmt: skip
-    fell = len(losses) >= 2 and losses[-1] < losses[0]
-    append_results([{**environment(), "bench": "seventy_b", "config": args.config, "layers": config.num_hidden_layers,
-                     "ranks": args.gpus, "cap_gb": args.cap_gb, "seq": args.seq, "steps": args.steps, "rc": rc,
-                     "losses": losses, "loss_fell": fell, "tokens_per_s": tokens_per_s, "peaks": peaks,
-                     "checkpoint_gb": disk_gb, "write_s": write_s,
-                     "predicted_gb": {f"{n}{'_offload' if o else ''}": gb for (n, o), gb in predicted.items()},
-                     "command": "qlora-fsdp " + " ".join(train_command("MODEL", "DATA", "OUT", gpus=args.gpus,
-                                steps=args.steps, seq=args.seq, device=args.device))}])  # fmt: skip
-    ok = rc == 0 and fell and len(peaks) == args.gpus
-    print(f"70b: {'PASS' if ok else 'FAIL'}" + ("" if fell else " (the loss did not fall)"))
+    return {"config": name, "layers": config.num_hidden_layers, "ranks": args.gpus, "cap_gb": args.cap_gb,
+            "seq": args.seq, "steps": args.steps, "rc": rc, "losses": losses, "tokens_per_s": tokens_per_s,
+            "flops_per_token": flops, "peaks": peaks, "checkpoint_gb": disk_gb, "write_s": write_s,
+            "loss_fell": len(losses) >= 2 and losses[-1] < losses[0],
+            "predicted_gb": {f"{n}{'_offload' if o else ''}": gb for (n, o), gb in predicted.items()},
+            "command": "qlora-fsdp " + " ".join(train_command("MODEL", "DATA", "OUT", gpus=args.gpus, steps=args.steps,
+                                                              seq=args.seq, device=args.device, offload=offload))}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="llama-3.1-70b", choices=["llama-3.1-70b", "llama-3.1-8b", "tiny"])
+    p.add_argument("--reference", default="llama-3.1-8b", choices=["llama-3.1-8b", "tiny", "none"],
+                   help="the model whose tokens/s the target scales by the FLOP ratio, run the same way but with its "
+                        "weights on the GPUs (none: skip)")  # fmt: skip
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the config's)")
+    p.add_argument("--gpus", type=int, default=2, help="ranks (GPUs, or gloo processes with --device cpu)")
+    p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory a process may use")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seq", type=int, default=2048, help="tokens a rank and step (batch 1)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "qlora_70b"), help="checkpoint and run folder")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds each training may take")
+    args = p.parse_args()
+    env = environment()
+    row = run_model(args, args.config, offload=True, role="model")
+    ok = row["rc"] == 0 and row["loss_fell"] and len(row["peaks"]) == args.gpus
+    rows = [{**env, "bench": "seventy_b", **row}]
+    if args.reference != "none":  # the target: tokens/s at least the reference's x its FLOPs / ours per token
+        ref = run_model(args, args.reference, offload=False, role="reference")
+        rows.append({**env, "bench": "seventy_b", "role": "reference", **ref})
+        target = ref["tokens_per_s"] * ref["flops_per_token"] / row["flops_per_token"]
+        rows[0] |= {"reference_tokens_per_s": ref["tokens_per_s"], "target_tokens_per_s": target}
+        print(f"\n{args.config} {row['tokens_per_s']:.0f} tokens/s against {args.reference} {ref['tokens_per_s']:.0f}: "
+              f"{row['tokens_per_s'] / ref['tokens_per_s']:.3f}x, target {target:.0f} (the FLOP ratio "
+              f"{ref['flops_per_token'] / row['flops_per_token']:.3f}): {'met' if row['tokens_per_s'] >= target else 'NOT met'}")  # fmt: skip
+        ok = ok and ref["rc"] == 0
+    append_results(rows)
+    print(f"70b: {'PASS' if ok else 'FAIL'}" + ("" if row["loss_fell"] else " (the loss did not fall)"))
     return 0 if ok else 1
 
 

@@ -21,21 +21,24 @@ from qlora_fsdp.parallel.sizing import bytes_at_rest  # noqa: E402
 
 def test_the_70b_run_trains_a_bnb4_checkpoint_on_two_gloo_ranks(tmp_path):
     """The whole script at the tiny shape: the bnb-4bit checkpoint written and loaded, the CLI under torchrun on 2
-    ranks (one capped_cli worker each, peaks written), the loss falling on the repeated copy task."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seventy_b.py"), "--config", "tiny", "--device",
-                           "cpu", "--steps", "4", "--seq", "96", "--dir", str(tmp_path)],
+    ranks (one capped_cli worker each, peaks written), the loss falling on the repeated copy task; then the reference
+    model the same way, and the target from the two runs' tokens/s and FLOPs."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seventy_b.py"), "--config", "tiny", "--reference",
+                           "tiny", "--device", "cpu", "--steps", "4", "--seq", "96", "--dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "70b: PASS" in out
-    losses = [float(x) for x in out.split("losses: ")[1].splitlines()[0].split()]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert (tmp_path / "bnb4" / "config.json").is_file()
-    assert json.loads((tmp_path / "bnb4" / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
-    peaks = [json.loads(p.read_text()) for p in sorted((tmp_path / "peaks").glob("peaks-*.json"))]
-    assert [p["rank"] for p in peaks] == [0, 1]
-    assert all(p["rc"] == 0 and p["gpu_peak_gb"] is None and 0 < p["host_anon_gb"] <= p["host_hwm_gb"] for p in peaks)
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    for role in ("model", "reference"):
+        losses = [float(x) for x in out.split("losses: ")[1 if role == "model" else 2].splitlines()[0].split()]
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        config = json.loads((tmp_path / role / "bnb4" / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+        peaks = [json.loads(p.read_text()) for p in sorted((tmp_path / role / "peaks").glob("peaks-*.json"))]
+        assert [p["rank"] for p in peaks] == [0, 1]
+        assert all(p["rc"] == 0 and p["gpu_peak_gb"] is None and 0 < p["host_anon_gb"] <= p["host_hwm_gb"] for p in peaks)
+        assert (tmp_path / role / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "x, target" in out and "(the FLOP ratio 1.000)" in out  # the same model twice: the target is its tokens/s
 
 
 def test_the_model_is_within_10_percent_of_every_measured_checkpointing_peak():
