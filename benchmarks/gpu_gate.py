@@ -165,7 +165,7 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
            "checkpoints": args.get("checkpoints")}  # fmt: skip
     for path in paths:
         idx = path["index"]
-        (out / f"{idx}.started").write_text(str(time.time()))
+        write_atomic(out / f"{idx}.started", str(time.time()))
         shape = None if path["kind"] == "t4" else path["model"]  # a t4 path's "model" is its checkpoint's format
         ctx["config"] = model_config(shape or args["config"], args["layers"], args["real_model"])
         ctx["real_model"] = args["real_model"]
@@ -226,7 +226,7 @@ class WorkerGroup:
             return False
         head = self.todo[0]
         started = self.out / f"{head['index']}.started"
-        late = started.is_file() and time.time() - float(started.read_text() or 0) > self.timeout
+        late = started.is_file() and time.time() - started_at(started) > self.timeout
         dead = all(p.exitcode is not None for p in self.procs) or any(p.exitcode not in (None, 0) for p in self.procs)
         if late or dead:
             self._stop()
@@ -297,11 +297,21 @@ def verdict(path: dict, results: dict) -> tuple[bool, str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """A rank's result appears whole or not at all: the poller reads every file it sees (a plain write_text was seen
-    half done, an empty file, on a loaded CI machine)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """A rank's file appears whole or not at all: the poller reads every file it sees (a plain write_text was seen
+    half done, an empty file, on a loaded CI machine). The temporary name is the process's own: every rank of a
+    group writes the same <index>.started."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def started_at(path: Path) -> float:
+    """When a path started (time.time()), from its .started file; now if the file cannot be read whole (an empty
+    read once counted as a start at 0, so a path 8 s old "timed out after 240 s" on a loaded CI machine)."""
+    try:
+        return float(path.read_text())
+    except (OSError, ValueError):
+        return time.time()
 
 
 def merge(path: dict, out: Path, world: int) -> dict:

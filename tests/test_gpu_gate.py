@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def test_the_paths_cover_every_recipe_schedule_and_reference():
     real = {p["name"]: p for p in paths if p["model"] == "real"}  # a pretrained model: trained on 1 and 2, generation
     assert real["2gpu/smollm2-real/fp32"]["ref"] == "1gpu/smollm2-real/fp32"
     assert real["1gpu/smollm2-real-generate/bf16"]["kind"] == "generate"
+
+
+def test_a_start_file_read_while_written_is_not_a_timeout(tmp_path):
+    """The poller reads <index>.started while ranks write it: a read that is empty or cut short counts as started now
+    (as 0 it made an 8-second path "time out after 240 s" in CI), and every rank writes the file without colliding."""
+    started = tmp_path / "3.started"
+    for text in ("", "."):  # created and not yet written; unparseable
+        started.write_text(text)
+        assert time.time() - gpu_gate.started_at(started) < 1
+    started.write_text("100.5")
+    assert gpu_gate.started_at(started) == 100.5
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gpu_gate, "
+                               "pathlib, time\nfor _ in range(300): gpu_gate.write_atomic(pathlib.Path(sys.argv[2]), "
+                               "str(time.time()))", str(ROOT / "benchmarks"), str(started)]) for _ in range(4)]  # fmt: skip
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert float(started.read_text()) > 100.5 and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_loss_off_its_reference_fails():
