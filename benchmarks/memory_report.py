@@ -7,7 +7,9 @@ At rest (qlora_fsdp.parallel.sizing.bytes_at_rest): the base (NF4 linears, 16-bi
 LoRA weights, their gradients and AdamW states, each 1/N a rank. The peak of a step with activation checkpointing,
 one microbatch of 1 x seq a rank (step_peak):
 
-    at rest on the GPU            bytes_at_rest(N) (0 with CPU offload: FSDP2 keeps every shard in host memory)
+    at rest on the GPU            bytes_at_rest(N); with CPU offload only LoRA, its gradients and AdamW states
+                                  (offload="frozen": the frozen shards live on the host, as --cpu-offload does now),
+                                  or nothing (offload="all": every shard on the host, the rows measured before it)
   + gathered (N > 1)              2 decoder layers (the one computing and the one prefetched: NF4 bytes + bf16 LoRA)
                                   + the whole lm_head (gathered from its forward to its backward)
   + checkpointed layer inputs     L x seq x hidden x 2
@@ -49,14 +51,15 @@ def _linear_shapes(config) -> list[tuple[int, int]]:
 
 
 def step_peak(config, world: int, seq: int, *, cpu_offload: bool = False, chunked_loss: bool = False,
-              lora_r: int = 16) -> dict[str, float]:  # fmt: skip
-    """{term: bytes} of one rank's predicted peak (module docstring) and their "total"."""
+              lora_r: int = 16, offload: str = "frozen") -> dict[str, float]:  # fmt: skip
+    """{term: bytes} of one rank's predicted peak (module docstring) and their "total"; `offload`: what CPU offload
+    moves to the host, "frozen" (today's --cpu-offload) or "all" (before)."""
     h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     shapes = _linear_shapes(config)
     layer_bytes = sum(nf4_nbytes(i * o)[0] + 2 * lora_r * (i + o) for i, o in shapes)
     logits = min(seq * vocab, CHUNK_LOGITS) if chunked_loss else seq * vocab
     terms = {
-        "at_rest": 0.0 if cpu_offload else bytes_at_rest(config, world, lora_r)["total"],
+        "at_rest": _resident(bytes_at_rest(config, world, lora_r), cpu_offload, offload),
         "gathered": 2 * layer_bytes + 2 * vocab * h if world > 1 else 0.0,
         "checkpointed_inputs": layers * seq * h * 2,
         "layer_activations": ACTIVATION_FACTOR * seq * (h + inter) * 2,
@@ -65,6 +68,15 @@ def step_peak(config, world: int, seq: int, *, cpu_offload: bool = False, chunke
     }
     terms["total"] = sum(terms.values())
     return terms
+
+
+def _resident(at_rest: dict[str, float], cpu_offload: bool, offload: str) -> float:
+    """What stays on the GPU of a rank's bytes at rest."""
+    if not cpu_offload:
+        return at_rest["total"]
+    if offload not in ("frozen", "all"):
+        raise ValueError(f"offload {offload!r}: 'frozen' or 'all'")
+    return at_rest["total"] - at_rest["base"] if offload == "frozen" else 0.0
 
 
 def measured_rows(path: Path = RESULTS) -> list[dict]:
@@ -98,9 +110,10 @@ def main() -> None:
     if rows:
         print("\nmeasured peaks (benchmarks/multi_gpu.py, torch.cuda.max_memory_allocated) against the model:")
     for r in rows:
-        predicted = step_peak(config, r["world"], r["seq"], cpu_offload=r["cpu_offload"])["total"] / 1e9
+        offload = r.get("offload", "all")  # rows from before frozen-only offload have no "offload"
+        predicted = step_peak(config, r["world"], r["seq"], cpu_offload=r["cpu_offload"], offload=offload)["total"] / 1e9
         measured = max(r["peak_gb_per_gpu"])
-        print(f"  {r['world']} GPU(s), {r['precision']}{' + CPU offload' if r['cpu_offload'] else ''}, 1 x {r['seq']}: "
+        print(f"  {r['world']} GPU(s), {r['precision']}{f' + CPU offload ({offload})' if r['cpu_offload'] else ''}, 1 x {r['seq']}: "
               f"{measured:.2f} GB measured, {predicted:.2f} predicted ({predicted / measured - 1:+.1%})  "
               f"({r['gpu']}, {r['commit']})")  # fmt: skip
 

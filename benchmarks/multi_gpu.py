@@ -228,8 +228,8 @@ def main() -> None:
         out = spawn(_train_worker, world, args, prec, offload, steps, accum, schedule)
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
         results[(prec, world, offload, accum, schedule)] = ranks[0]
-        row = {"bench": "multi_gpu_train", "precision": prec, "world": world, "cpu_offload": offload, "ac": args.ac,
-               "seq": args.seq, "steps": steps, "batches_per_step": accum * (world if schedule is None else world // args.pp),
+        row = {"bench": "multi_gpu_train", "precision": prec, "world": world, "cpu_offload": offload,
+               "offload": "frozen" if offload else None, "ac": args.ac, "seq": args.seq, "steps": steps, "batches_per_step": accum * (world if schedule is None else world // args.pp),
                "losses": [r["loss"] for r in ranks[0]["records"]], "peak_gb_per_gpu": [r["peak_gb"] for r in ranks],
                "tokens_per_s": steady_tokens_per_s(ranks[0]["records"])}  # fmt: skip
         if schedule:

@@ -226,7 +226,7 @@ class _ProcessGroup:
             self.cfg.device = f"cuda:{local}"
         else:
             self.cfg.device = "cpu"
-        # NCCL for GPU tensors, gloo for CPU ones (CPU offload: the gradient norm is reduced on the host)
+        # NCCL for GPU tensors, gloo for CPU ones (a CPU tensor reduced on a GPU run goes over gloo)
         backend = "cuda:nccl,cpu:gloo" if gpus else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
         return dist.get_rank()

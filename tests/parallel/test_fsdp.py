@@ -120,13 +120,59 @@ def _equal_job(rank, world, device, out, model_dir, options):
     assert w.device_mesh.device_type == torch.device(device).type, w.device_mesh
     shard_bytes = local.nf4.data.numel() + local.nf4.absmax.numel()
     assert local.nf4.data.device.type == ("cpu" if options.get("cpu_offload") or not ON_GPUS else "cuda")
-    records = loop.train()
+    units = fsdp_units(loop.model)
+    with GatheredBytes() as gathered:
+        records = loop.train()
     lora = loop.lora_state_dict()  # on CPU
     if rank == 0:
         from qlora_fsdp.compile import compile_counts
 
         torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes, "reduced_before": reduced_before,
-                    "compile": compile_counts()}, out / "fsdp.pt")  # fmt: skip
+                    "compile": compile_counts(), "units": units, "gathered": gathered.sizes}, out / "fsdp.pt")  # fmt: skip
+
+
+class GatheredBytes:
+    """Records (bytes gathered, in backward?) of every all-gather FSDP2 makes while active (torch 2.13 calls
+    all_gather_single, older ones all_gather_into_tensor)."""
+
+    NAMES = ("all_gather_single", "all_gather_into_tensor")
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.sizes, self._saved = [], {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+        for name, orig in self._saved.items():
+
+            def record(output, *a, _orig=orig, **kw):
+                in_backward = torch._C._current_graph_task_id() != -1  # inside the autograd engine
+                self.sizes.append((output.numel() * output.element_size(), in_backward))
+                return _orig(output, *a, **kw)
+
+            setattr(dist, name, record)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, orig in self._saved.items():
+            setattr(dist, name, orig)
+
+
+def fsdp_units(model) -> list[dict]:
+    """Per FSDP2 unit (one state, a list unit counted once): how many of its parameters are trainable and whether
+    FSDP2 offloads each to the host, read from FSDP2's own records of the parameters it manages."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units, seen = [], set()
+    for m in model.modules():
+        state = m._get_fsdp_state() if isinstance(m, FSDPModule) else None
+        if state is None or id(state) in seen:
+            continue
+        seen.add(id(state))
+        params = [fp for group in state._fsdp_param_groups for fp in group.fsdp_params]
+        units.append({"trainable": [fp.sharded_param.requires_grad for fp in params],
+                      "offloaded": [fp.offload_to_cpu for fp in params]})  # fmt: skip
+    return units
 
 
 def _resume_job(rank, world, device, out, model_dir, stop_at, resume, grad_accum=1):
@@ -316,6 +362,22 @@ def test_n_ranks_equal_one_process(launches, tmp_path, name):
     else:
         assert got["shard_bytes"] * world == total  # 1/N of the 4-bit bytes at rest
     assert (launches.job(name) / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()
+    layers, units = widths.get("layers", 2), [u for u in got["units"] if u["trainable"]]
+    if options.get("cpu_offload"):  # each layer's NF4 bases a unit of their own: 2 per layer + embedding, head, root
+        assert len(units) == 2 * layers + 3, units
+        for u in units:  # the host holds frozen weights only: no gradient or optimizer state leaves the GPU
+            assert not any(u["offloaded"]) or (all(u["offloaded"]) and not any(u["trainable"])), u
+        # offloaded: each layer's bases, the embedding, the head and the root's final norm; not: LoRA with the norms
+        assert sum(all(u["offloaded"]) for u in units) == layers + 3, units
+    else:
+        assert len(units) == layers + 3 and not any(o for u in units for o in u["offloaded"])
+    # the frozen embedding is gathered for its lookup only, never again in backward (nor is the head, kept gathered
+    # from forward to backward): no backward all-gather of their size (vocab x hidden in the gathered dtype, the
+    # vocabulary's 104 rows padded to whole row chunks of ceil(104 / N))
+    mixed = options.get("precision", "fp32") != "fp32" and options.get("fsdp_mixed_precision", True)
+    emb_bytes = -(-104 // world) * world * widths.get("hidden", 128 * world) * (2 if mixed else 4)
+    assert emb_bytes in [b for b, backward in got["gathered"] if not backward], (emb_bytes, got["gathered"][:8])
+    assert emb_bytes not in [b for b, backward in got["gathered"] if backward], (emb_bytes, got["gathered"])
 
 
 @pytest.mark.timeout(900)

@@ -15,7 +15,7 @@ from qlora_fsdp.lora.fused_mlp import patch_lora_swiglu
 from qlora_fsdp.model import load_model
 from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from qlora_fsdp.training import TrainConfig, add_lora, seed_everything
-from tests.parallel.test_fsdp import free_port
+from tests.parallel.test_fsdp import free_port, fsdp_units
 from tests.training.test_loop import ListBatches, collate, synthetic_examples
 
 STEPS, BATCH, T, MICRO = 3, 8, 20, 4
@@ -210,7 +210,8 @@ class Launches:
         if world == 2:
             jobs.append({"kind": "overflow", "args": {"model_dir": self.model_dir}})
         else:
-            options = {"pp": 2, "pp_schedule": "zbv", "grad_accum": 2, "activation_checkpointing": True, "pp_report": True}
+            options = {"pp": 2, "pp_schedule": "zbv", "grad_accum": 2, "activation_checkpointing": True, "pp_report": True,
+                       "cpu_offload": True}  # fmt: skip
             jobs.append({"kind": "loop", "args": {"model_dir": self.model_dir, "options": options}})
         for job in jobs:
             job["out"] = str(self.job(world, job["kind"]))
@@ -281,10 +282,11 @@ def make_loop(out, model_dir, **options):
 
 def _loop_job(rank, world, out, model_dir, options):
     loop = make_loop(out / "pp", model_dir, nproc=world, **options)
+    units = fsdp_units(loop.model)
     records = loop.train()
     lora = loop.lora_state_dict()  # every stage's, on rank 0
     if rank == 0:
-        torch.save({"records": records, "lora": lora}, out / "pp.pt")
+        torch.save({"records": records, "lora": lora, "units": units}, out / "pp.pt")
 
 
 def _overflow_job(rank, world, out, model_dir):
@@ -326,14 +328,20 @@ def test_fp16_pipeline_overflow_in_one_stage_skips_the_step_on_every_stage(launc
 
 @pytest.mark.timeout(600)
 def test_train_loop_pp_by_fsdp_equals_one_process(launches, tmp_path):
-    """TrainLoop on 4 ranks (2 stages x 2 FSDP2 replicas, ZBV, activation checkpointing, clipping over the stages):
-    per-step losses, gradient norms, eval losses and the saved adapter equal one process."""
+    """TrainLoop on 4 ranks (2 stages x 2 FSDP2 replicas, ZBV, activation checkpointing, CPU offload of the frozen
+    weights, clipping over the stages): per-step losses, gradient norms, eval losses and the saved adapter equal one
+    process."""
     import peft
     from safetensors.torch import load_file
 
     model_dir = launches.model_dir
-    run = launches.result(4, "loop")  # options: pp 2, ZBV, grad_accum 2, checkpointing, pp_report (Launches.launch)
+    run = launches.result(4, "loop")  # options: pp 2, ZBV, grad_accum 2, checkpointing, offload, pp_report (launch)
     got = torch.load(run / "pp.pt", weights_only=False)
+    # rank 0's two stages (ZBV: the first and last), each a unit per layer's NF4 bases (offloaded) inside the layer's
+    # (LoRA and norms, not), and a root with the embedding or the norm and head (frozen: offloaded)
+    units = [u for u in got["units"] if u["offloaded"]]
+    assert any(all(u["offloaded"]) for u in units) and any(any(u["trainable"]) for u in units), units
+    assert all(not any(u["offloaded"]) or not any(u["trainable"]) for u in units), units
     ref_loop = make_loop(tmp_path / "one", model_dir, grad_accum=4)  # one process, the same 4 batches a step
     ref = ref_loop.train()
     col = lambda rs, k: torch.tensor([r[k] for r in rs if k in r])  # noqa: E731

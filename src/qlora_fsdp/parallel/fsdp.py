@@ -3,6 +3,11 @@
 Each NF4 weight is an `NF4Tensor` whose FSDP2 all-gather extension moves its uint8 bytes (see nf4/sharding.py):
 at rest a rank holds 1/N of every weight's packed bytes and statistics (whole quant groups, on any number of
 ranks: at most one group more), LoRA parameters, their gradients and optimizer states; in forward and backward a layer's 4-bit bytes are gathered, dequantized per matmul and freed.
+
+CPU offload (an `offload_policy`) moves only frozen weights to the host: a decoder layer's NF4 bases form one
+unit of their own that lives on the host (copied to the GPU, gathered and freed per use), while the LoRA weights,
+their gradients and AdamW's states stay on the GPU with the norms. A unit holding a trainable parameter is never
+offloaded, so no gradient crosses to the host and the optimizer step runs on the GPU.
 """
 
 from __future__ import annotations
@@ -21,16 +26,56 @@ def apply_fsdp(model: nn.Module, *, mesh=None, mp_policy=None, offload_policy=No
     kwargs = shard_kwargs(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy,
                           reshard_after_forward=reshard_after_forward)  # fmt: skip
     for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
+        shard_decoder_layer(layer, kwargs)
     # the 16-bit embedding and lm_head (1 GiB each for Llama-3.1-8B) get units of their own, so that neither stays
     # gathered for the whole step as part of the root: the embedding is gathered for its lookup only, the lm_head
     # from the end of forward to the start of backward. Tied ones (one tensor in both) stay in the root.
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and head is not None and emb.weight is not head.weight:
-        fully_shard(emb, **kwargs)
-        fully_shard(head, **{**kwargs, "reshard_after_forward": False})
-    fully_shard(model, **kwargs)
+        fully_shard(emb, **unit_kwargs([emb], kwargs))
+        if not emb.weight.requires_grad:  # a frozen lookup has nothing to do in backward: not gathered again for it
+            emb.set_unshard_in_backward(False)  # (1 GiB a step less all-gathered at the 8B shape)
+        fully_shard(head, **{**unit_kwargs([head], kwargs), "reshard_after_forward": False})
+    fully_shard(model, **unit_kwargs([model], kwargs))
     return model
+
+
+def shard_decoder_layer(layer: nn.Module, kwargs: dict) -> None:
+    """One FSDP2 unit for a decoder layer; under CPU offload two: its NF4 bases (one list unit, on the host) inside
+    the layer's unit (LoRA weights and norms, on the GPU)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if kwargs.get("offload_policy") is not None:
+        bases = [m for m in layer.modules() if isinstance(getattr(m, "weight", None), NF4Tensor)]
+        if bases:
+            fully_shard(bases, **unit_kwargs(bases, kwargs))
+    fully_shard(layer, **unit_kwargs([layer], kwargs))
+
+
+def unit_kwargs(modules: list[nn.Module], kwargs: dict) -> dict:
+    """`kwargs` for the unit of `modules`, without the offload policy where the unit would hold a trainable
+    parameter (its gradient and optimizer states stay on the GPU)."""
+    if kwargs.get("offload_policy") is None or not any(p.requires_grad for m in modules for p in own_parameters(m)):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k != "offload_policy"}
+
+
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters `fully_shard(module)` would manage: those of `module` and its submodules, less those of
+    submodules already sharded (units of their own)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: dict[int, nn.Parameter] = {}
+
+    def walk(m: nn.Module, top: bool) -> None:
+        if not top and isinstance(m, FSDPModule):
+            return
+        found.update((id(p), p) for p in m.parameters(recurse=False))
+        for child in m.children():
+            walk(child, False)
+
+    walk(module, True)
+    return list(found.values())
 
 
 def shard_kwargs(module: nn.Module, *, mesh=None, mp_policy=None, offload_policy=None,
@@ -55,7 +100,8 @@ def default_mesh(module: nn.Module):
 
 def fsdp_policies(param_dtype: torch.dtype | None, *, cpu_offload: bool = False, pin_memory: bool = False) -> dict:
     """apply_fsdp's `mp_policy` / `offload_policy` arguments: parameters cast to `param_dtype` for compute with
-    gradients reduced in fp32 (no policy for None or fp32), and sharded state kept on the host (`cpu_offload`)."""
+    gradients reduced in fp32 (no policy for None or fp32), and the frozen weights' shards kept on the host
+    (`cpu_offload`; see the module docstring)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     mixed = param_dtype is not None and param_dtype != torch.float32

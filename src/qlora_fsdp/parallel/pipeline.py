@@ -334,15 +334,16 @@ def _anchor_function_intermediates() -> None:
 def _shard_stage(mod: DecoderStage, dp_mesh, options: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from .fsdp import shard_kwargs
+    from .fsdp import shard_decoder_layer, shard_kwargs, unit_kwargs
 
     # parameters stay gathered from a step's first forward to its gradient reduction (the schedule reshards them
     # there): microbatches do not all-gather again, and the zero-bubble input pass, which looks the stage's
-    # parameters up to find their gradient nodes, finds the gathered ones the autograd graph used
+    # parameters up to find their gradient nodes, finds the gathered ones the autograd graph used. CPU offload:
+    # frozen weights only, as in apply_fsdp
     kwargs = shard_kwargs(mod, mesh=dp_mesh, **{**options, "reshard_after_forward": False})
     for layer in mod.layers.values():
-        fully_shard(layer, **kwargs)
-    fully_shard(mod, **kwargs)
+        shard_decoder_layer(layer, kwargs)
+    fully_shard(mod, **unit_kwargs([mod], kwargs))
 
 
 def keep_only(model: nn.Module, modules: list[DecoderStage]) -> None:

@@ -98,7 +98,9 @@ class TrainConfig:
     # FSDP2 (several processes)
     nproc: int = option(1, "processes to start, one per GPU (FSDP2; torchrun works as well)")
     fsdp_mixed_precision: bool = option(True, "FSDP2 parameters in the compute dtype, gradients reduced in fp32")
-    cpu_offload: bool = option(False, "FSDP2 CPU offload: sharded parameters, gradients and AdamW states on the host")
+    cpu_offload: bool = option(False, "FSDP2 CPU offload of the frozen weights' shards (the NF4 base, "
+                                     "embedding, lm_head): copied to the GPU per use; LoRA weights, gradients and "
+                                     "AdamW states stay on the GPU")
     # pipeline parallelism (parallel/pipeline.py): nproc = pp stages x data-parallel (FSDP2) replicas
     pp: int = option(1, "pipeline stages; --nproc = pp x data-parallel replicas")
     pp_schedule: str = option("1f1b", "pipeline schedule (interleaved_zb and zbv: 2 stages per rank)", tuple(SCHEDULES))
