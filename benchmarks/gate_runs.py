@@ -228,8 +228,33 @@ def run_generate(path: dict, ctx: dict) -> dict:
     return {"losses": [0.0], "tokens_per_s": once["tokens_per_s"], "note": note}
 
 
+def run_budget(path: dict, ctx: dict) -> dict:
+    """--max-memory halfway between the predicted peaks of checkpointing every layer and of none (so the plan keeps
+    some layers' activations): the loop's own check of the first step's peak against the prediction must be within
+    10% (on a GPU; on CPU the plan runs unchecked)."""
+    from qlora_fsdp.memory.budget import Setup, predict_peak
+
+    def peak(**options):
+        setup = Setup(chunked_loss=True, **options)
+        return predict_peak(ctx["config"], 1, ctx["seq"], setup, compiled=True)["total"]
+
+    budget = (peak(activation_checkpointing=True) + peak()) / 2
+    loop = _loop(path, ctx, ctx["scratch"] / "run", max_memory=f"{budget / 1e9:.4f}")
+    records = [r for r in loop.train() if "loss" in r]
+    result = {"losses": [r["loss"] for r in records], "tokens_per_s": _steady_tokens_per_s(records)}
+    checked = next((r for r in records if "predicted_peak_gb" in r), None)
+    chosen = f"ac_keep_layers {loop.cfg.ac_keep_layers} of {ctx['config'].num_hidden_layers}"
+    if checked is None:
+        return {**result, "note": f"{chosen}; predicted {loop.predicted_peak / 1e9:.2f} GB, not checked off a GPU"}
+    off = checked["predicted_peak_gb"] / checked["peak_gb"] - 1
+    note = f"{chosen}; step 1 peak {checked['peak_gb']:.2f} GB, predicted {checked['predicted_peak_gb']:.2f} ({off:+.1%})"
+    if abs(off) > 0.10:
+        raise RuntimeError(f"--max-memory: the prediction is off by more than 10%: {note}")
+    return {**result, "note": note}
+
+
 RUNNERS = {"loop": run_loop, "resume": run_resume, "trainer": run_trainer, "sft": run_trainer, "cli": run_cli,
-           "generate": run_generate, "t4": run_t4}  # fmt: skip
+           "generate": run_generate, "t4": run_t4, "budget": run_budget}  # fmt: skip
 
 
 def run_path(path: dict, ctx: dict) -> dict:

@@ -90,6 +90,9 @@ class TrainConfig:
     keep_dequantized: bool = option(False, "NF4 linears keep the forward's dequantized weight for backward (faster, "
                                     "more memory)")  # fmt: skip
     mlp_chunk_tokens: int = option(0, "N > 0: the MLPs run N tokens at a time, each chunk recomputed in backward")
+    max_memory: str = option("", "a GPU memory budget in GB, or 'auto' (free memory less 5%): the fastest setup of "
+                             "checkpointing, --ac-keep-layers, --keep-dequantized, the two offloads and "
+                             "--chunked-loss predicted to fit (1 GPU); those you set yourself are kept")  # fmt: skip
     compile: bool = option(False, "torch.compile every decoder layer (fullgraph) and the loss")
     compile_backend: str = option("inductor", "torch.compile backend", ("inductor", "aot_eager", "eager"))
     compile_mode: str = option("", "inductor's mode ('': its default)", ("",) + COMPILE_MODES)
@@ -140,6 +143,8 @@ class TrainConfig:
                 raise TrainError(f"--{flag.replace('_', '-')} runs on one GPU: drop it, or --nproc / --pp")
         if self.cpu_offload and self._processes() // self.pp < 2:
             raise TrainError(CPU_OFFLOAD_NEEDS_SHARDS)
+        if self.max_memory and (self._processes() > 1 or self.pp > 1):
+            raise TrainError(f"--max-memory {self.max_memory} plans one GPU's memory: drop it, or --nproc / --pp")
         if self.compile_mode and self.compile_backend != "inductor":
             raise TrainError(f"--compile-mode {self.compile_mode} is inductor's: drop --compile-backend "
                              f"{self.compile_backend}")  # fmt: skip

@@ -32,7 +32,7 @@ from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, prune_
 from .config import PRECISIONS, TrainConfig, TrainError, resolve_precision
 from .lr_schedule import warmup_cosine
 from .rng import rng_state, seed_everything, set_rng_state
-from .setup import prepare
+from .setup import plan_memory, prepare
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -52,6 +52,18 @@ def memory_gb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     except ImportError:  # pragma: no cover
         return float("nan")
+
+
+def check_predicted_peak(predicted: float, measured: float) -> dict:
+    """The --max-memory prediction against the first step's measured peak (bytes): a line, and a warning when it
+    misses by more than 10%."""
+    off = predicted / measured - 1
+    line = f"step 1: peak {measured / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB ({off:+.1%})"
+    if abs(off) > 0.10:
+        warnings.warn(f"--max-memory: {line}: the memory model is off by more than 10%", stacklevel=2)
+    else:
+        print(line)
+    return {"predicted_peak_gb": predicted / 1e9, "peak_gb": measured / 1e9}
 
 
 class TrainLoop:
@@ -89,6 +101,9 @@ class TrainLoop:
 
             model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.tokenizer = tokenizer
+        self.predicted_peak = None  # bytes, with --max-memory: checked against the measured peak after step 1
+        if cfg.max_memory:
+            self.predicted_peak = plan_memory(cfg, model.config, self.device)
         self.prepared = prepare(model, cfg, device=self.device, rank=self.rank, world=self.world)
         self.model = self.prepared.model
         self._loss_sum = self.prepared.loss_sum
@@ -312,6 +327,8 @@ class TrainLoop:
             tokens += rec["tokens"]
             elapsed = time.perf_counter() - start
             rec.update(tokens_per_s=tokens / elapsed, mem_gb=memory_gb(self.device), elapsed_s=elapsed)
+            if self.step == 1 and self.predicted_peak and self.device.type == "cuda":
+                rec.update(check_predicted_peak(self.predicted_peak, torch.cuda.max_memory_allocated(self.device)))
             last = self.step == self.total_steps
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                 rec.update(self.evaluate())

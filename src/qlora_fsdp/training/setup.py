@@ -30,6 +30,29 @@ from ..parallel.fsdp import fsdp_policies
 from .config import CPU_OFFLOAD_NEEDS_SHARDS, PRECISIONS, TrainConfig, TrainError
 
 
+def plan_memory(cfg: TrainConfig, config, device: torch.device) -> float:
+    """--max-memory: set cfg's memory options to the fastest setup predicted to fit (memory/budget.py), the ones the
+    user set kept; print the choice. Returns the predicted peak (bytes)."""
+    from dataclasses import fields
+
+    from ..memory.budget import BudgetError, Setup, parse_budget, plan
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    fixed = {f.name: getattr(cfg, f.name) for f in fields(Setup) if getattr(cfg, f.name) != defaults[f.name]}
+    tokens = cfg.max_tokens if cfg.packing else cfg.max_length
+    try:
+        budget = parse_budget(cfg.max_memory, device)
+        setup, terms = plan(config, cfg.batch_size, tokens, budget, compiled=cfg.compile, lora_r=cfg.lora_r,
+                            fixed=fixed)  # fmt: skip
+    except BudgetError as e:
+        raise TrainError(str(e)) from None
+    for name, value in setup.options().items():
+        setattr(cfg, name, value)
+    print(f"memory budget {budget / 1e9:.3g} GB: {setup.describe(config.num_hidden_layers)}; predicted peak "
+          f"{terms['total'] / 1e9:.3g} GB at {cfg.batch_size} x {tokens} tokens")  # fmt: skip
+    return terms["total"]
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig):
     """peft LoRA on the NF4 model; adapters in fp32 (peft upcasts them), base frozen; the LoRA scaling applied on
     the rank side (lora/linear.py)."""

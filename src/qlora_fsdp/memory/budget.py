@@ -1,0 +1,158 @@
+"""--max-memory GB: the fastest setup of the memory options whose predicted peak fits a budget (one GPU).
+
+    setup, terms = plan(model.config, batch=1, seq=2048, budget=16e9, compiled=True)
+    terms["total"]   # predicted peak, bytes (what torch.cuda.max_memory_allocated reads after the first step)
+
+The prediction adds up terms of the model's shapes (bytes; T = batch x seq tokens, H hidden, I intermediate,
+L layers, V vocabulary, W a layer's NF4 base weights):
+
+    at rest        NF4 base, 16-bit embedding / norms / lm_head, LoRA with its fp32 gradient and 2 AdamW states
+                   (parallel/sizing.bytes_at_rest); less the embedding with --embedding-on-cpu
+    kept layers    k x KEPT[mode] x T (H + I) x 2     (k = L without checkpointing, else --ac-keep-layers)
+                   + k x 2W with --keep-dequantized   (the forward's bf16 weights held for backward)
+    checkpointed   (L - k) x T H x 2                  (each checkpointed layer's input; on the host with
+                                                       --offload-activations)
+    transient      the largest of: a layer's backward, TRANSIENT[mode] x T (H + I) x 2 (+ with the eager
+                   chunked loss, CHUNK_BYTES x a chunk of 2^26 logits), and the unchunked loss,
+                   LOGIT_BYTES[mode, batch > 1] x T V
+
+The factors are fitted to the peaks measured with benchmarks/train_step.py on H100 / H200 (Llama-3.1-8B shape,
+bf16, r=16 on all 7 projections; docs/design/memory_budget.md lists the rows and the fit). The loop checks the
+prediction against the measured peak after the first step and warns at more than 10% off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# fitted factors, "compiled" (--compile) and "eager" (docs/design/memory_budget.md)
+KEPT = {"compiled": 3.92, "eager": 4.73}  # a kept layer: 0.296 GB / 0.357 GB at 1 x 2048 of the 8B shape
+TRANSIENT = {"compiled": 6.07, "eager": 10.3}  # a layer's backward (the recomputation included)
+CHUNK_BYTES = {"compiled": 0.0, "eager": 20.0}  # the eager chunked loss, a byte count per logit of one chunk
+LOGIT_BYTES = {("compiled", False): 6.0, ("compiled", True): 10.0, ("eager", False): 12.0, ("eager", True): 12.0}
+CHUNK_LOGITS = 2**26  # the chunked loss's default chunk (memory/chunked_loss.py)
+AUTO_MARGIN = 0.05  # --max-memory auto: the GPU's free memory less this share
+
+
+class BudgetError(ValueError):
+    """No setup fits, or the budget cannot be read; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The memory options the planner chooses (TrainConfig fields of the same names)."""
+
+    activation_checkpointing: bool = False
+    ac_keep_layers: int = 0
+    keep_dequantized: bool = False
+    offload_activations: bool = False
+    embedding_on_cpu: bool = False
+    chunked_loss: bool = False
+
+    def options(self) -> dict:
+        return asdict(self)
+
+    def describe(self, layers: int) -> str:
+        if not self.activation_checkpointing:
+            words = ["no checkpointing"]
+        elif self.ac_keep_layers:
+            words = [f"checkpointing of the first {layers - self.ac_keep_layers} of {layers} layers"]
+        else:
+            words = ["checkpointing of every layer"]
+        words += [w for flag, w in (("keep_dequantized", "dequantized weights kept"),
+                                    ("offload_activations", "layer inputs on the host"),
+                                    ("embedding_on_cpu", "embedding on the CPU"),
+                                    ("chunked_loss", "chunked loss")) if getattr(self, flag)]  # fmt: skip
+        return ", ".join(words)
+
+
+def candidates(layers: int, *, compiled: bool) -> list[Setup]:
+    """Every setup, fastest first (the order measured with train_step.py and peers.py): no checkpointing with the
+    dequantized weights kept, without them, checkpointing all but the last k layers (k = L-1 .. 1), of every layer,
+    then with the layer inputs on the host, then also the embedding on the CPU. Each with and without the chunked
+    loss, the faster first (chunked when compiled)."""
+    base = [Setup(keep_dequantized=True), Setup()]
+    base += [Setup(activation_checkpointing=True, ac_keep_layers=k) for k in range(layers - 1, 0, -1)]
+    base += [Setup(activation_checkpointing=True),
+             Setup(activation_checkpointing=True, offload_activations=True),
+             Setup(activation_checkpointing=True, offload_activations=True, embedding_on_cpu=True)]  # fmt: skip
+    order = (True, False) if compiled else (False, True)
+    return [Setup(**{**s.options(), "chunked_loss": chunked}) for s in base for chunked in order]
+
+
+def _shapes(config) -> tuple[int, int, int, int, int]:
+    """(H, I, L, V, W) of a transformers config: W is one decoder layer's linear weights (elements)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    w = h * q + 2 * h * kv + q * h + 3 * h * inter
+    return h, inter, config.num_hidden_layers, config.vocab_size, w
+
+
+def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, lora_r: int = 16,
+                 at_rest: dict | None = None) -> dict[str, float]:  # fmt: skip
+    """{term: bytes} of one GPU's predicted peak for `setup` (module docstring) and their "total"; `at_rest`:
+    parallel/sizing.bytes_at_rest's dict, computed here when not given."""
+    from ..parallel.sizing import bytes_at_rest
+
+    mode = "compiled" if compiled else "eager"
+    h, inter, layers, vocab, w = _shapes(config)
+    tokens = batch * seq
+    rest = at_rest or bytes_at_rest(config, 1, lora_r)
+    kept = layers if not setup.activation_checkpointing else setup.ac_keep_layers
+    layer = tokens * (h + inter) * 2
+    transient = TRANSIENT[mode] * layer
+    if setup.chunked_loss:
+        transient += CHUNK_BYTES[mode] * min(CHUNK_LOGITS, tokens * vocab)
+    else:
+        transient = max(transient, LOGIT_BYTES[mode, batch > 1] * tokens * vocab)
+    terms = {
+        "at_rest": rest["total"] - (2 * vocab * h if setup.embedding_on_cpu else 0),
+        "kept_layers": kept * (KEPT[mode] * layer + (2 * w if setup.keep_dequantized else 0)),
+        "checkpointed_inputs": 0 if setup.offload_activations else (layers - kept) * tokens * h * 2,
+        "transient": transient,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def plan(config, batch: int, seq: int, budget: float, *, compiled: bool, lora_r: int = 16,
+         fixed: dict | None = None) -> tuple[Setup, dict[str, float]]:  # fmt: skip
+    """The fastest candidate whose predicted peak is at most `budget` bytes, and its terms. `fixed`: options the
+    user set, which every candidate keeps. BudgetError when none fits."""
+    from ..parallel.sizing import bytes_at_rest
+
+    fixed = fixed or {}
+    rest = bytes_at_rest(config, 1, lora_r)
+    layers = config.num_hidden_layers
+    allowed = [s for s in candidates(layers, compiled=compiled) if all(getattr(s, k) == v for k, v in fixed.items())]
+    if not allowed:
+        raise BudgetError(f"--max-memory with {fixed}: no setup has these options: drop them and let the budget choose")
+    predicted = [(s, predict_peak(config, batch, seq, s, compiled=compiled, lora_r=lora_r, at_rest=rest))
+                 for s in allowed]  # fmt: skip
+    for setup, terms in predicted:
+        if terms["total"] <= budget:
+            return setup, terms
+    leanest = min(predicted, key=lambda st: st[1]["total"])
+    raise BudgetError(f"--max-memory {budget / 1e9:.3g} GB: the leanest setup ({leanest[0].describe(layers)}) is "
+                      f"predicted at {leanest[1]['total'] / 1e9:.3g} GB at {batch} x {seq} tokens: raise the budget, "
+                      "or lower --batch-size / --max-length")  # fmt: skip
+
+
+def parse_budget(text: str, device) -> float:
+    """Bytes of a --max-memory value: GB (1e9 bytes), or "auto": the GPU's free memory less AUTO_MARGIN."""
+    import torch
+
+    device = torch.device(device)
+    if text == "auto":
+        if device.type != "cuda":
+            raise BudgetError(f"--max-memory auto reads a GPU's free memory, and the run is on {device}: give GB")
+        free, _ = torch.cuda.mem_get_info(device)
+        return free * (1 - AUTO_MARGIN)
+    try:
+        gb = float(text)
+    except ValueError:
+        raise BudgetError(f"--max-memory {text!r}: a number of GB (e.g. 16) or 'auto'") from None
+    if gb <= 0:
+        raise BudgetError(f"--max-memory {text}: a positive number of GB")
+    return gb * 1e9
