@@ -1,4 +1,5 @@
-"""--max-memory GB: the fastest setup of the memory options whose predicted peak fits a budget (one GPU).
+"""--max-memory GB: the fastest setup of the memory options whose predicted peak fits a budget (one GPU); the same
+memory model predicts a rank's peak under FSDP2 (benchmarks/memory_report.py, the 70B plan).
 
     setup, terms = plan(model.config, batch=1, seq=2048, budget=16e9, compiled=True)
     terms["total"]   # predicted peak, bytes (what torch.cuda.max_memory_allocated reads after the first step)
@@ -7,7 +8,9 @@ The prediction adds up terms of the model's shapes (bytes; T = batch x seq token
 L layers, V vocabulary, W a layer's NF4 base weights):
 
     at rest        NF4 base, 16-bit embedding / norms / lm_head, LoRA with its fp32 gradient and 2 AdamW states
-                   (parallel/sizing.bytes_at_rest); less the embedding with --embedding-on-cpu
+                   (parallel/sizing.bytes_at_rest, 1/N a rank under FSDP2, the frozen part on the host with
+                   --cpu-offload); less the embedding with --embedding-on-cpu
+    gathered       FSDP2 (N > 1): 2 decoder layers' NF4 and LoRA bytes, and the whole lm_head
     kept layers    k x KEPT[mode] x T (H + I) x 2     (k = L without checkpointing, else --ac-keep-layers)
                    + k x 2W with --keep-dequantized   (the forward's bf16 weights held for backward)
     checkpointed   (L - k) x T H x 2                  (each checkpointed layer's input; on the host with
@@ -80,25 +83,43 @@ def candidates(layers: int, *, compiled: bool) -> list[Setup]:
     return [Setup(**{**s.options(), "chunked_loss": chunked}) for s in base for chunked in order]
 
 
-def _shapes(config) -> tuple[int, int, int, int, int]:
-    """(H, I, L, V, W) of a transformers config: W is one decoder layer's linear weights (elements)."""
+def _linear_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of a decoder layer's 7 linears."""
     h, inter = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    w = h * q + 2 * h * kv + q * h + 3 * h * inter
-    return h, inter, config.num_hidden_layers, config.vocab_size, w
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
 
 
-def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, lora_r: int = 16,
-                 at_rest: dict | None = None) -> dict[str, float]:  # fmt: skip
-    """{term: bytes} of one GPU's predicted peak for `setup` (module docstring) and their "total"; `at_rest`:
+def _shapes(config) -> tuple[int, int, int, int, int]:
+    """(H, I, L, V, W) of a transformers config: W is one decoder layer's linear weights (elements)."""
+    w = sum(i * o for i, o in _linear_shapes(config))
+    return config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size, w
+
+
+def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, lora_r: int = 16, world: int = 1,
+                 cpu_offload: bool = False, offload: str = "frozen", at_rest: dict | None = None) -> dict[str, float]:
+    """{term: bytes} of one GPU's predicted peak for `setup` (module docstring) and their "total". Under FSDP2 on
+    `world` ranks a rank holds 1/N at rest and, while a layer computes, 2 gathered decoder layers (the one computing
+    and the one prefetched: NF4 bytes + 16-bit LoRA) and the whole lm_head (gathered from its forward to its
+    backward). `cpu_offload`: what stays on the GPU of the shards at rest, `offload` "frozen" (LoRA, its gradients
+    and AdamW states: --cpu-offload) or "all" (nothing: FSDP2's offload of every unit, before 613ff45). `at_rest`:
     parallel/sizing.bytes_at_rest's dict, computed here when not given."""
-    from ..parallel.sizing import bytes_at_rest
+    from ..parallel.sizing import bytes_at_rest, nf4_nbytes
 
     mode = "compiled" if compiled else "eager"
     h, inter, layers, vocab, w = _shapes(config)
     tokens = batch * seq
-    rest = at_rest or bytes_at_rest(config, 1, lora_r)
+    rest = at_rest or bytes_at_rest(config, world, lora_r)
+    if cpu_offload and offload not in ("frozen", "all"):
+        raise ValueError(f"offload {offload!r}: 'frozen' or 'all'")
+    resident = rest["total"]  # what stays on the GPU of a rank's bytes at rest
+    if cpu_offload:
+        resident = rest["total"] - rest["base"] if offload == "frozen" else 0.0
+    gathered = 0.0
+    if world > 1:
+        layer_bytes = sum(nf4_nbytes(i * o)[0] + 2 * lora_r * (i + o) for i, o in _linear_shapes(config))
+        gathered = 2 * layer_bytes + 2 * vocab * h
     kept = layers if not setup.activation_checkpointing else setup.ac_keep_layers
     layer = tokens * (h + inter) * 2
     transient = TRANSIENT[mode] * layer
@@ -107,7 +128,8 @@ def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, 
     else:
         transient = max(transient, LOGIT_BYTES[mode, batch > 1] * tokens * vocab)
     terms = {
-        "at_rest": rest["total"] - (2 * vocab * h if setup.embedding_on_cpu else 0),
+        "at_rest": resident - (2 * vocab * h if setup.embedding_on_cpu else 0),
+        "gathered": gathered,
         "kept_layers": kept * (KEPT[mode] * layer + (2 * w if setup.keep_dequantized else 0)),
         "checkpointed_inputs": 0 if setup.offload_activations else (layers - kept) * tokens * h * 2,
         "transient": transient,
