@@ -64,7 +64,12 @@ def _loop(path: dict, ctx: dict, out: Path, **extra):
     if path.get("model") == "real":
         from qlora_fsdp.model import load_model
 
-        model = load_model(ctx["real_model"], dtype=DTYPES[path["precision"]], device=ctx["device"])
+        from qlora_fsdp.training.loop import load_storage
+
+        # as the CLI loads it: into host memory for FSDP2 over GPUs, each unit moved to its GPU as it is sharded
+        storage = load_storage(torch.device(ctx["device"]), ctx["world"], cfg.pp)
+        model = load_model(ctx["real_model"], dtype=DTYPES[path["precision"]], device=ctx["device"],
+                           storage_device=storage)  # fmt: skip
     else:
         model = random_model(ctx["config"], dtype=DTYPES[path["precision"]], device=ctx["device"], seed=0)
     return make_loop(cfg, model=model, train_batches=FixedBatches(batches))

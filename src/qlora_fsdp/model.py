@@ -201,12 +201,17 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
     blocksize: int = 64,
+    storage_device: str | torch.device | None = None,
 ):
     """Load a causal LM with NF4 decoder linears (see the module docstring). `device` defaults to CUDA if present;
-    `dtype` (of the 16-bit weights and the compute) to bf16 where the device has it, else fp16 (a T4)."""
+    `dtype` (of the 16-bit weights and the compute) to bf16 where the device has it, else fp16 (a T4).
+    `storage_device`: where the loaded tensors are kept, when not on `device` (which still quantizes): "cpu" for
+    FSDP2 on GPUs, whose `fully_shard` moves one unit at a time to the rank's GPU and keeps its shard, so no GPU ever
+    holds the whole model (a bnb-4bit checkpoint's bytes stay views of the mapped file until then)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    storage = torch.device(storage_device) if storage_device is not None else device
     dtype = dtype or (torch.bfloat16 if has_bf16(device) else torch.float16)
     path = resolve_model_dir(name_or_path)
     try:
@@ -233,15 +238,15 @@ def load_model(
         if key in targets:
             if bnb is not None:
                 try:
-                    w = nf4_from_state_dict(ckpt, key).to(device)
+                    w = nf4_from_state_dict(ckpt, key).to(storage)
                 except NF4FormatError as e:
                     raise ModelLoadError(f"{path}: {e}") from None
             else:
-                w = quantize_nf4(ckpt[key].to(device), blocksize=blocksize)
+                w = quantize_nf4(ckpt[key].to(device), blocksize=blocksize).to(storage)
             value = NF4Tensor(w, dtype)
         else:
             tensor = ckpt[key]
-            value = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+            value = tensor.to(storage, dtype) if tensor.is_floating_point() else tensor.to(storage)
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ModelLoadError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
                                  f"{tuple(expected[key].shape)}: config.json does not match the weights")  # fmt: skip
@@ -253,7 +258,7 @@ def load_model(
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} weights (e.g. {missing[0]}): incomplete download?")
-    _rebuild_meta_buffers(model, device)
+    _rebuild_meta_buffers(model, storage)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     for p in model.parameters():

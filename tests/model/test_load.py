@@ -122,3 +122,19 @@ def test_random_model_has_the_shape_nf4_linears_and_is_reproducible():
     assert 0.015 < w.dequantize().std() < 0.025  # N(0, 0.02) up to quantization
     ids = torch.randint(0, 100, (2, 9))
     torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+def test_the_model_can_wait_in_another_memory_than_it_is_loaded_on(checkpoints):
+    """storage_device: tensors quantized on `device` and kept on `storage_device` (FSDP2 over GPUs keeps the model
+    in host memory until fully_shard moves each unit to its GPU; the GPU side runs in the gate's 2gpu/smollm2-real
+    path): a host-stored model is the same model, and the loop asks for it exactly for FSDP2 over GPUs."""
+    from qlora_fsdp.training.loop import load_storage
+
+    _, tmp = checkpoints
+    for ckpt in ("bf16", "nf4"):
+        here, there = (load_model(tmp / ckpt, dtype=torch.bfloat16, device="cpu", storage_device=s) for s in (None, "cpu"))
+        key = "model.layers.1.self_attn.q_proj.weight"
+        assert torch.equal(here.get_parameter(key).nf4.data, there.get_parameter(key).nf4.data)
+    cuda, cpu = torch.device("cuda:1"), torch.device("cpu")  # (device objects: no GPU needed)
+    assert load_storage(cuda, 2, 1) == "cpu"  # FSDP2 on GPUs
+    assert load_storage(cuda, 1, 1) is None and load_storage(cuda, 4, 2) is None and load_storage(cpu, 2, 1) is None

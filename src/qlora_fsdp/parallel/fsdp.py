@@ -89,13 +89,15 @@ def shard_kwargs(module: nn.Module, *, mesh=None, mp_policy=None, offload_policy
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def default_mesh(module: nn.Module):
-    """A 1-D mesh over all ranks on the device type of `module`'s parameters (CPU parameters: a CPU mesh, sharded
-    and gathered over gloo, also on a machine with GPUs)."""
+def default_mesh(module: nn.Module, device: torch.device | str | None = None):
+    """A 1-D mesh over all ranks on `device`'s type, by default that of `module`'s parameters (CPU parameters: a CPU
+    mesh, sharded and gathered over gloo, also on a machine with GPUs). A model loaded into host memory for GPU
+    ranks names the GPU: fully_shard moves each unit to the mesh's device."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if device is None:
+        device = next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
 
 
 def fsdp_policies(param_dtype: torch.dtype | None, *, cpu_offload: bool = False, pin_memory: bool = False) -> dict:

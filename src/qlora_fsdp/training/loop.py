@@ -54,6 +54,12 @@ def memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
+def load_storage(device: torch.device, world: int, pp: int) -> str | None:
+    """Where load_model keeps the model: on the host for FSDP2 over GPUs (fully_shard then moves one unit at a time
+    to this rank's GPU and keeps its shard: no GPU holds the whole model, which a 70B base needs); else on `device`."""
+    return "cpu" if device.type == "cuda" and world > 1 and pp == 1 else None
+
+
 def check_predicted_peak(predicted: float, measured: float) -> dict:
     """The --max-memory prediction against the first step's measured peak (bytes): a line, and a warning when it
     misses by more than 10%."""
@@ -99,7 +105,8 @@ class TrainLoop:
         if model is None:
             from ..model import load_model
 
-            model = load_model(cfg.model, dtype=self.dtype, device=self.device)
+            model = load_model(cfg.model, dtype=self.dtype, device=self.device,
+                               storage_device=load_storage(self.device, self.world, cfg.pp))  # fmt: skip
         self.tokenizer = tokenizer
         self.predicted_peak = None  # bytes, with --max-memory: checked against the measured peak after step 1
         if cfg.max_memory:

@@ -117,10 +117,11 @@ def prepare(model: nn.Module, cfg: TrainConfig, *, device: torch.device, rank: i
     loss_sum = _loss_sum(cfg)
     if cfg.pp > 1:
         return _pipeline(model, cfg, loss_sum, device=device, world=world)
-    if world > 1:
+    if world > 1:  # the mesh on the run's device: the model may wait in host memory (loop.load_storage)
         from ..parallel import apply_fsdp
+        from ..parallel.fsdp import default_mesh
 
-        apply_fsdp(model, **_fsdp_policies(cfg, device))
+        apply_fsdp(model, mesh=default_mesh(model, device), **_fsdp_policies(cfg, device))
     if cfg.compile:
         _compile_layers(model, cfg)
     return Prepared(model, loss_sum, _forward_loss_sum(model, cfg, loss_sum, device), replicas=world, replica=rank)
