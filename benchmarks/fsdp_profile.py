@@ -96,7 +96,8 @@ def timeline_summary(kernels: list[tuple[str, float, float]], wall_us: float, st
 # -- bytes at the collectives ----------------------------------------------------------------------------------
 class CollectiveBytes:
     """Records the bytes of every all-gather (its output) and reduce-scatter (its input) called through
-    torch.distributed while active, as FSDP2 calls them (torch 2.13: the *_single names)."""
+    torch.distributed while active, as FSDP2 calls them (torch 2.13: the *_single names): their sums by kind, and
+    each call as (kind, bytes, whether it ran inside autograd's backward)."""
 
     # name -> (kind, the argument whose size counts: position, keyword)
     NAMES = {"all_gather_into_tensor": ("all_gather", 0, "output_tensor"),
@@ -106,6 +107,7 @@ class CollectiveBytes:
 
     def __init__(self):
         self.bytes = {"all_gather": 0, "reduce_scatter": 0}
+        self.calls: list[tuple[str, int, bool]] = []
         self._saved = {}
 
     def __enter__(self):
@@ -119,6 +121,7 @@ class CollectiveBytes:
             def record(*a, _orig=orig, _kind=kind, _pos=pos, _key=key, **kw):
                 t = a[_pos] if len(a) > _pos else kw[_key]
                 self.bytes[_kind] += t.numel() * t.element_size()
+                self.calls.append((_kind, t.numel() * t.element_size(), torch._C._current_graph_task_id() != -1))
                 return _orig(*a, **kw)
 
             setattr(dist, name, record)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from qlora_fsdp.nf4.tensor import NF4Tensor
 from qlora_fsdp.parallel.cpu_threads import share_cpu_cores
 from qlora_fsdp.training import TrainConfig, TrainLoop
 from tests.training.test_loop import ListBatches, collate, synthetic_examples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from fsdp_profile import CollectiveBytes  # noqa: E402
 
 STEPS = 8  # every curve below: warmup, decay, a checkpoint at step 3 and a resume from it
 # on a machine with 2+ GPUs the same tests run over NCCL, one GPU a rank; elsewhere over gloo on the CPU
@@ -121,41 +125,15 @@ def _equal_job(rank, world, device, out, model_dir, options):
     shard_bytes = local.nf4.data.numel() + local.nf4.absmax.numel()
     assert local.nf4.data.device.type == ("cpu" if options.get("cpu_offload") or not ON_GPUS else "cuda")
     units = fsdp_units(loop.model)
-    with GatheredBytes() as gathered:
+    with CollectiveBytes() as collectives:  # (benchmarks/fsdp_profile.py)
         records = loop.train()
+    gathered = [(n, backward) for kind, n, backward in collectives.calls if kind == "all_gather"]
     lora = loop.lora_state_dict()  # on CPU
     if rank == 0:
         from qlora_fsdp.compile import compile_counts
 
         torch.save({"records": records, "lora": lora, "shard_bytes": shard_bytes, "reduced_before": reduced_before,
-                    "compile": compile_counts(), "units": units, "gathered": gathered.sizes}, out / "fsdp.pt")  # fmt: skip
-
-
-class GatheredBytes:
-    """Records (bytes gathered, in backward?) of every all-gather FSDP2 makes while active (torch 2.13 calls
-    all_gather_single, older ones all_gather_into_tensor)."""
-
-    NAMES = ("all_gather_single", "all_gather_into_tensor")
-
-    def __enter__(self):
-        import torch.distributed as dist
-
-        self.sizes, self._saved = [], {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
-        for name, orig in self._saved.items():
-
-            def record(output, *a, _orig=orig, **kw):
-                in_backward = torch._C._current_graph_task_id() != -1  # inside the autograd engine
-                self.sizes.append((output.numel() * output.element_size(), in_backward))
-                return _orig(output, *a, **kw)
-
-            setattr(dist, name, record)
-        return self
-
-    def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        for name, orig in self._saved.items():
-            setattr(dist, name, orig)
+                    "compile": compile_counts(), "units": units, "gathered": gathered}, out / "fsdp.pt")  # fmt: skip
 
 
 def fsdp_units(model) -> list[dict]:
