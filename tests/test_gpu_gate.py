@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import gate_workers  # noqa: E402
 import gpu_gate  # noqa: E402
 
 
@@ -44,11 +45,11 @@ def test_a_start_file_read_while_written_is_not_a_timeout(tmp_path):
     started = tmp_path / "3.started"
     for text in ("", "."):  # created and not yet written; unparseable
         started.write_text(text)
-        assert time.time() - gpu_gate.started_at(started) < 1
+        assert time.time() - gate_workers.started_at(started) < 1
     started.write_text("100.5")
-    assert gpu_gate.started_at(started) == 100.5
-    procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gpu_gate, "
-                               "pathlib, time\nfor _ in range(300): gpu_gate.write_atomic(pathlib.Path(sys.argv[2]), "
+    assert gate_workers.started_at(started) == 100.5
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gate_workers, "
+                               "pathlib, time\nfor _ in range(300): gate_workers.write_atomic(pathlib.Path(sys.argv[2]), "
                                "str(time.time()))", str(ROOT / "benchmarks"), str(started)]) for _ in range(4)]  # fmt: skip
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     assert float(started.read_text()) > 100.5 and not list(tmp_path.glob("*.tmp"))
