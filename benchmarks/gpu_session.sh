@@ -9,6 +9,9 @@
 #     multi_gpu   benchmarks/multi_gpu.py $MULTI_GPU_ARGS: FSDP2 on 2 GPUs vs 1, 8B shape
 #     profile     benchmarks/profile_step.py $PROFILE_ARGS: kernel time by category, memory by phase, 8B shape
 #     gate        benchmarks/gpu_gate.py $GATE_ARGS: every user-facing path, PASS/FAIL (run it after every change to src/)
+#     peers       benchmarks/peers.py $PEERS_ARGS: HF / Liger / Unsloth / torchtune / ours side by side
+#     budget      benchmarks/memory_budget.py $BUDGET_ARGS: --max-memory at each peer's peak, predicted vs measured
+#     seventy_b   benchmarks/seventy_b.py $SEVENTY_B_ARGS: 70B on 2 GPUs capped at 24 GB, against the 8B shape
 # Expects bitsandbytes, datasets, dill, multiprocess and trl unpacked under .device/site (see README, "GPU runs").
 set -u
 export PYTHONPATH="$PWD/src:$PWD/.device/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -38,6 +41,15 @@ case " $PARTS " in *" multi_gpu "*)
 esac
 case " $PARTS " in *" profile "*)
     python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(\|USDT" > "$OUT/profile.log"; tail -80 "$OUT/profile.log";;
+esac
+case " $PARTS " in *" peers "*)
+    python3 benchmarks/peers.py ${PEERS_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/peers.log"; tail -40 "$OUT/peers.log";;
+esac
+case " $PARTS " in *" budget "*)
+    python3 benchmarks/memory_budget.py ${BUDGET_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/budget.log"; tail -30 "$OUT/budget.log";;
+esac
+case " $PARTS " in *" seventy_b "*)
+    python3 benchmarks/seventy_b.py ${SEVENTY_B_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/seventy_b.log"; tail -40 "$OUT/seventy_b.log";;
 esac
 case " $PARTS " in *" gate "*)
     python3 benchmarks/gpu_gate.py ${GATE_ARGS:-} > "$OUT/gate.log" 2>&1; grep -E "^(PASS|FAIL|NOT RUN|gate:)|x [0-9], torch" "$OUT/gate.log";;
