@@ -100,8 +100,10 @@ class NF4Tensor(Tensor):
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         like, shape, sizes = metadata
-        if sizes is not None:
-            outputs = torch.split(outputs[0], sizes)
+        if sizes is not None:  # N = 1: the one flat output in its pieces, each with a storage of its own on the first
+            outputs = torch.split(outputs[0], sizes)  # call: FSDP2 frees and reallocates every unsharded inner
+            if out is None:  # tensor's storage by itself, which resized views of one storage to the last's size
+                outputs = [t.clone() for t in outputs]
         if out is not None:  # later all-gathers: `out` views the same storage (N > 1) or takes a copy (N = 1)
             if sizes is not None:
                 for dst, src in zip(gather_inputs(out.nf4), outputs):
