@@ -3,8 +3,10 @@
     python benchmarks/peers.py [--systems hf_peft_bnb,hf_peft_bnb_noac,...] [--shapes 1x2048,4x2048,1x8192]
                                [--longest] [--check-imports] [--config tiny]
 
-The model: Llama-3.1-8B's shape with random weights, written once as a bnb-4bit checkpoint (and a 16-bit one for the
-systems that quantize themselves; t4_recipe.write_checkpoints). Every system: LoRA r=16, alpha 32, dropout 0 on
+The model: Llama-3.1-8B's shape with random weights, written once as a bnb-4bit checkpoint, and as the same NF4
+weights dequantized to 16 bits for torchtune, which quantizes its base itself (t4_recipe.write_checkpoints'
+nf4grid16: from the original 16-bit weights, torchao's NF4 is another model, its first loss 2.3e-2 off ours at 4
+layers of the 8B widths on CPU, 0.39e-2 at 1 layer). Every system: LoRA r=16, alpha 32, dropout 0 on
 all 7 projections, AdamW lr 1e-4, bf16, labels on every token, the same random batch per shape; each run the way
 its documentation recommends for speed:
 
@@ -14,7 +16,7 @@ its documentation recommends for speed:
     hf_peft_bnb_liger   hf_peft_bnb + Liger-Kernel (`apply_liger_kernel_to_llama`: RoPE, RMSNorm, SwiGLU, fused
                         linear cross-entropy)
     unsloth             Unsloth's FastLanguageModel on the bnb-4bit checkpoint, use_gradient_checkpointing="unsloth"
-    torchtune           torchtune's qlora_llama3_1_8b (torchao NF4 from the 16-bit weights), activation
+    torchtune           torchtune's qlora_llama3_1_8b (torchao NF4 from nf4grid16), activation
                         checkpointing, chunked cross-entropy, torch.compile (its QLoRA recipe's speed settings)
     torchtune_eager     the same without torch.compile: what separates compiled code from the model's math when
                         torchtune's loss disagrees (3.0e-2 below HF's after 7 steps on an H200, b8d3905; within 6e-4
@@ -136,10 +138,10 @@ def torchtune_qlora(dirs, config, max_seq: int, compiled: bool = True):
                             max_seq_len=max_seq, intermediate_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
                             rope_base=rope_theta(config), lora_rank=16, lora_alpha=32, lora_dropout=0.0,
                             quantize_base=True)  # fmt: skip
-    index = json.loads((Path(dirs["16bit"]) / "model.safetensors.index.json").read_text())
+    index = json.loads((Path(dirs["nf4grid16"]) / "model.safetensors.index.json").read_text())
     state = {}
     for file in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(Path(dirs["16bit"]) / file), device=DEVICE))
+        state.update(load_file(str(Path(dirs["nf4grid16"]) / file), device=DEVICE))
     model.load_state_dict(hf_to_tune(state, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
                                      dim=config.hidden_size), strict=False)  # fmt: skip
     del state
@@ -278,7 +280,7 @@ def main() -> None:
 
     config = model_config(args.config)
     start = time.perf_counter()
-    dirs = write_checkpoints(config, Path(args.checkpoints), device=DEVICE)
+    dirs = write_checkpoints(config, Path(args.checkpoints), device=DEVICE, formats=("bnb4", "nf4grid16"))
     _tokenizer_into(dirs)
     print(f"checkpoints in {args.checkpoints} ({time.perf_counter() - start:.0f} s)", flush=True)
     env = environment()

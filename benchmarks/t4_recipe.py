@@ -135,10 +135,13 @@ def _write_shards(entries, out: Path) -> None:
 
 def write_checkpoints(config, root: Path, device: str = "cuda:0", formats: tuple[str, ...] = ("16bit", "bnb4")
                       ) -> dict[str, str]:  # fmt: skip
-    """The 16-bit and/or bnb-4bit (`formats`) checkpoints of one random model under `root` (kept: written once per
-    root). Streamed: one tensor at a time on `device`, one shard (SHARD_BYTES) at a time on the host."""
+    """The 16-bit, bnb-4bit and/or "nf4grid16" (`formats`) checkpoints of one random model under `root` (kept: written
+    once per root). nf4grid16 is 16-bit with every decoder linear replaced by its NF4 weight dequantized: the
+    bnb-4bit checkpoint's model for a system that quantizes its own base (torchtune), whose requantization then
+    changes little. Streamed: one tensor at a time on `device`, one shard (SHARD_BYTES) at a time on the host."""
     from qlora_fsdp.nf4 import quantize_nf4
     from qlora_fsdp.nf4.bnb import nf4_to_state_dict
+    from qlora_fsdp.nf4.tensor import NF4Tensor
 
     dirs = {f: root / f for f in formats}
     if all((d / "model.safetensors.index.json").is_file() and (d / "config.json").is_file() for d in dirs.values()):
@@ -150,12 +153,17 @@ def write_checkpoints(config, root: Path, device: str = "cuda:0", formats: tuple
     if "16bit" in dirs:
         config.save_pretrained(dirs["16bit"])
         _write_shards(_tensors(config, device), dirs["16bit"])
+    is_linear = lambda name: ".layers." in name and any(x in name for x in linears)  # noqa: E731
+    if "nf4grid16" in dirs:
+        config.save_pretrained(dirs["nf4grid16"])
+        _write_shards(((name, NF4Tensor(quantize_nf4(t), t.dtype).dequantize() if is_linear(name) else t)
+                       for name, t in _tensors(config, device)), dirs["nf4grid16"])  # fmt: skip
     if "bnb4" not in dirs:
         return {k: str(v) for k, v in dirs.items()}
 
     def quantized():
         for name, t in _tensors(config, device):
-            if ".layers." in name and any(x in name for x in linears):
+            if is_linear(name):
                 yield from nf4_to_state_dict(quantize_nf4(t), name).items()
             else:
                 yield name, t

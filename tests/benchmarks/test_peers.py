@@ -28,6 +28,18 @@ def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
     assert all(r["bench"] == "peers" and r["batch"] == 1 and r["seq"] == 48 for r in timed.values())
     # the same checkpoint, LoRA and batch: the same loss after the same steps (bnb's and our NF4 bytes are equal)
     assert abs(timed["ours_ac"]["loss"] - timed["hf_peft_bnb"]["loss"]) <= 1e-3 * timed["hf_peft_bnb"]["loss"]
+    # torchtune's copy: the bnb-4bit checkpoint's weights dequantized (torchao requantizes them), the rest as stored
+    import torch
+    from safetensors import safe_open
+
+    from qlora_fsdp.model import load_model
+
+    model = load_model(tmp_path / "ckpt" / "bnb4", dtype=torch.bfloat16, device="cpu")
+    index = json.loads((tmp_path / "ckpt" / "nf4grid16" / "model.safetensors.index.json").read_text())
+    for name, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / "ckpt" / "nf4grid16" / file), "pt") as f:
+            stored, p = f.get_tensor(name), model.get_parameter(name)
+        assert torch.equal(stored, p.dequantize() if hasattr(p, "nf4") else p), name
     # and before any update (the first warmup step), where a disagreement is the model's math, not the optimizer's
     first = [timed[s]["first_loss"] for s in ("ours_ac", "hf_peft_bnb")]
     assert abs(first[0] - first[1]) <= 1e-3 * first[1] and first != [timed[s]["loss"] for s in ("ours_ac", "hf_peft_bnb")]
