@@ -18,6 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 import common
+from qlora_fsdp.training.checkpoint import atomic_write_text  # a temporary file of its own per call: ranks write one
+# <index>.started at once, and the poller reads every file it sees (a plain write_text was seen half done in CI)
 
 
 def model_config(name: str, layers: int, real_model: str = ""):
@@ -62,7 +64,7 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
            "checkpoints": args.get("checkpoints")}  # fmt: skip
     for path in paths:
         idx = path["index"]
-        write_atomic(out / f"{idx}.started", str(time.time()))
+        atomic_write_text(out / f"{idx}.started", str(time.time()))
         shape = None if path["kind"] == "t4" else path["model"]  # a t4 path's "model" is its checkpoint's format
         ctx["config"] = model_config(shape or args["config"], args["layers"], args["real_model"])
         ctx["real_model"] = args["real_model"]
@@ -75,7 +77,7 @@ def _worker(rank: int, world: int, port: int, gpu: int, paths: list[dict], args:
             result = {"status": "error", "error": f"{type(e).__name__}: {first}"[:400],  # Dynamo's last is boilerplate
                       "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
         result["seconds"] = time.perf_counter() - start
-        write_atomic(out / f"{idx}-rank{rank}.json", json.dumps(result))
+        atomic_write_text(out / f"{idx}-rank{rank}.json", json.dumps(result))
         if result["status"] != "ok":
             print(f"[gate] {path['name']} rank {rank}: {result['traceback']}", file=sys.stderr, flush=True)
             sys.stdout.flush()
@@ -134,7 +136,7 @@ class WorkerGroup:
                     if not f.is_file():
                         why = (f"timed out after {self.timeout:.0f} s" if late else "its worker died (another rank "
                                "failed?)" if started.is_file() else "its workers died before starting it")  # fmt: skip
-                        write_atomic(f, json.dumps({"status": "error", "error": why}))
+                        atomic_write_text(f, json.dumps({"status": "error", "error": why}))
                 self._report(self.todo.pop(0))
             if self.todo:
                 self._start()
@@ -168,15 +170,6 @@ def run_groups(groups: list[WorkerGroup], deadline: float | None = None) -> list
             return [path for g in groups for path in g.abandon()]
         time.sleep(0.5)
     return []
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A rank's file appears whole or not at all: the poller reads every file it sees (a plain write_text was seen
-    half done, an empty file, on a loaded CI machine). The temporary name is the process's own: every rank of a
-    group writes the same <index>.started."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def started_at(path: Path) -> float:

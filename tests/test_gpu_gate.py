@@ -49,7 +49,7 @@ def test_a_start_file_read_while_written_is_not_a_timeout(tmp_path):
     started.write_text("100.5")
     assert gate_workers.started_at(started) == 100.5
     procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import gate_workers, "
-                               "pathlib, time\nfor _ in range(300): gate_workers.write_atomic(pathlib.Path(sys.argv[2]), "
+                               "pathlib, time\nfor _ in range(300): gate_workers.atomic_write_text(pathlib.Path(sys.argv[2]), "
                                "str(time.time()))", str(ROOT / "benchmarks"), str(started)]) for _ in range(4)]  # fmt: skip
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     assert float(started.read_text()) > 100.5 and not list(tmp_path.glob("*.tmp"))
