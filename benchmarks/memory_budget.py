@@ -66,16 +66,16 @@ def predicted_gb(config, options: dict, batch: int, seq: int) -> float:
     return predict_peak(config, batch, seq, Setup(**fields), compiled=bool(options.get("compile")))["total"] / 1e9
 
 
-def check(path: Path) -> list[float]:
-    """Print the model against every measured peak of ours; return the relative misses."""
+def check(path: Path) -> list[tuple[dict, float]]:
+    """Print the model against every measured peak of ours; return (the run's options, relative miss) of each."""
     config = model_config("llama-3.1-8b")
     misses = []
     for options, b, t, measured, r in measured_setups([json.loads(x) for x in path.read_text().splitlines()]):
-        predicted = predicted_gb(config, options, b, t)
-        misses.append(predicted / measured - 1)
+        miss = predicted_gb(config, options, b, t) / measured - 1
+        misses.append((options, miss))
         on = ",".join(k for k, v in options.items() if v and k != "compile") + (" compiled" if options.get("compile") else "")
-        print(f"  {r['system'][:44]:<44} {b}x{t:<6} measured {measured:6.2f} GB, predicted {predicted:6.2f} "
-              f"({misses[-1]:+.1%})  {on}  ({r.get('gpu', '?')}, {r.get('commit', '?')})")  # fmt: skip
+        print(f"  {r['system'][:44]:<44} {b}x{t:<6} measured {measured:6.2f} GB, predicted {measured * (1 + miss):6.2f} "
+              f"({miss:+.1%})  {on}  ({r.get('gpu', '?')}, {r.get('commit', '?')})")  # fmt: skip
     return misses
 
 
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="the model against the measured peaks; no GPU")
     args = p.parse_args()
     if args.check:
-        misses = check(Path(args.peaks_from))
+        misses = [miss for _, miss in check(Path(args.peaks_from))]
         print(f"{len(misses)} peaks, largest miss {max(map(abs, misses)):.1%}")
         return
     import torch
