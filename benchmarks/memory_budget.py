@@ -105,6 +105,8 @@ def main() -> None:
     import torch
     import train_step
 
+    from qlora_fsdp.training.config import TrainError
+
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     env = environment()
     if args.budgets:
@@ -116,8 +118,12 @@ def main() -> None:
                              f"{args.peaks_from}: run peers.py first, or give --budgets")  # fmt: skip
     config, rows = model_config("llama-3.1-8b"), []
     for peer, b, t, gb, peer_tok in runs:
-        step = train_step.ours(config, None, compile=True, chunked=False, activation_checkpointing=False,
-                               max_memory=str(gb), batch_size=b, max_length=t)  # fmt: skip
+        try:
+            step = train_step.ours(config, None, compile=True, chunked=False, activation_checkpointing=False,
+                                   max_memory=str(gb), batch_size=b, max_length=t)  # fmt: skip
+        except TrainError as e:  # a budget below the leanest setup: said, and the other budgets go on
+            print(f"{peer} {b}x{t} {gb:.2f} GB: {e}", flush=True)
+            continue
         loop = step.loop
         setup = {k: getattr(loop.cfg, k) for k in ("activation_checkpointing", "ac_keep_layers", "keep_dequantized",
                                                     "offload_activations", "embedding_on_cpu", "chunked_loss")}  # fmt: skip

@@ -326,6 +326,8 @@ class TrainLoop:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        if self.step == 0 and self.predicted_peak and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the prediction is a step's peak: not load's, not eval's
         start, tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
             if stop_at is not None and self.step >= stop_at:
