@@ -24,6 +24,13 @@ its documentation recommends for speed:
     ours_fastest        load_model + the loop: --compile --chunked-loss --keep-dequantized, no checkpointing
     ours_ac             --compile --chunked-loss --activation-checkpointing
     ours_leanest        ours_ac + --offload-activations --embedding-on-cpu
+    torchtune_fsdp2     torchtune's QLoRA with FSDP2 on 2 GPUs (its lora_finetune_distributed model setup: meta
+                        device, compiled, checkpointed, each layer sharded, the checkpoint loaded into the shards)
+    ours_fsdp2          ours with FSDP2 on 2 GPUs, loaded as the CLI does (--nproc 2): compiled, chunked loss,
+                        checkpointing (torchtune_fsdp2's setup); ours_fsdp2_noac without checkpointing
+
+The 2-GPU systems run each rank on the same batch, so their loss is one GPU's and checked as the others are; their
+tokens/s counts both ranks' tokens (a row's tokens_per_s_per_gpu is one rank's), their peak is the larger rank's.
 
 Each system runs in its own process (Unsloth and Liger patch transformers for the whole process). A system that
 cannot be imported or run is reported with its exact error, and the others go on. Per system and shape: tokens/s,
@@ -55,157 +62,54 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPORTS = {"hf_peft_bnb": ["bitsandbytes", "peft"], "hf_peft_bnb_noac": ["bitsandbytes", "peft"],
-           "hf_peft_bnb_liger": ["bitsandbytes", "peft", "liger_kernel"], "unsloth": ["unsloth"],
-           "torchtune": ["torchtune", "torchao"], "torchtune_eager": ["torchtune", "torchao"], "ours_fastest": [],
-           "ours_ac": [], "ours_leanest": []}  # fmt: skip
-
-
-def manual_step(params, loss_of, autocast: bool = True):
-    """A step as Trainer does it: forward (under bf16 autocast), backward, AdamW, zero_grad -> `step(batch) -> loss`."""
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step(batch):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_of(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return step
-
-
-def _hf_loss(model):
-    def loss_of(batch):
-        return model(input_ids=batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE), use_cache=False).loss
-
-    return loss_of
-
-
-def hf_peft_bnb(dirs, *, checkpointing=True, liger=False):
-    import peft
-    import transformers
-
-    if liger:  # before the model is built: its classes are patched
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(dirs["bnb4"], dtype=torch.bfloat16, device_map={"": 0}
-                                                              if DEVICE == "cuda" else None, attn_implementation="sdpa")  # fmt: skip
-    # not peft.prepare_model_for_kbit_training: its fp32 copies of the norms, embedding and lm_head would cost this
-    # baseline memory and speed (train_step.hf_bnb's setup, with which earlier tables were measured)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
-                                                       task_type="CAUSAL_LM"))  # fmt: skip
-    model.train()
-    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model))
-
-
-def unsloth(dirs, max_seq: int):
-    from unsloth import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(model_name=dirs["bnb4"], max_seq_length=max_seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=True)  # fmt: skip
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
-                                             target_modules=LINEARS, use_gradient_checkpointing="unsloth",
-                                             random_state=0, max_seq_length=max_seq)  # fmt: skip
-    model.train()
-    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model))
-
-
-def torchtune_qlora(dirs, config, max_seq: int, compiled: bool = True):
-    from safetensors.torch import load_file
-    from torchtune import training
-    from torchtune.models.convert_weights import hf_to_tune
-    from torchtune.models.llama3 import lora_llama3
-    from torchtune.modules import TransformerSelfAttentionLayer
-    from torchtune.modules.loss import CEWithChunkedOutputLoss
-    from torchtune.modules.peft import get_adapter_params, set_trainable_params
-
-    # qlora_llama3_1_8b's model for any config: torchtune's Llama 3 QLoRA builder (quantize_base) with the checkpoint's
-    # plain RoPE (the shape has no Llama 3.1 frequency scaling), NF4 from torchao
-    with training.set_default_dtype(torch.bfloat16), torch.device(DEVICE):
-        model = lora_llama3(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-                            apply_lora_to_output=False, vocab_size=config.vocab_size,
-                            num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                            num_kv_heads=config.num_key_value_heads, embed_dim=config.hidden_size,
-                            max_seq_len=max_seq, intermediate_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
-                            rope_base=rope_theta(config), lora_rank=16, lora_alpha=32, lora_dropout=0.0,
-                            quantize_base=True)  # fmt: skip
-    index = json.loads((Path(dirs["nf4grid16"]) / "model.safetensors.index.json").read_text())
-    state = {}
-    for file in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(Path(dirs["nf4grid16"]) / file), device=DEVICE))
-    model.load_state_dict(hf_to_tune(state, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-                                     dim=config.hidden_size), strict=False)  # fmt: skip
-    del state
-    set_trainable_params(model, get_adapter_params(model))
-    training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
-    loss_fn = CEWithChunkedOutputLoss()
-    model.set_num_output_chunks(loss_fn.num_output_chunks)
-    if compiled:
-        training.compile_model(model)
-        loss_fn = training.compile_loss(loss_fn)
-
-    def loss_of(batch):
-        ids, labels = batch["input_ids"].to(DEVICE), batch["labels"].to(DEVICE)
-        logits = model(ids)  # a list of chunks
-        labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], -100)))  # shifted as in its recipe
-        return loss_fn(logits, labels)
-
-    return manual_step([p for p in model.parameters() if p.requires_grad], loss_of, autocast=False)  # bf16 weights, as its recipe
-
-
-def rope_theta(config) -> float:
-    """RoPE's base of a transformers config (transformers 5 keeps it in rope_parameters)."""
-    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 10000.0)
-
-
-def ours(dirs, compile_backend: str = "inductor", **options):
-    """train_step.ours (the loop's train_step, compiled, chunked loss) on the bnb-4bit checkpoint."""
-    import train_step
-    from qlora_fsdp.model import load_model
-
-    model = load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE)
-    return train_step.ours(None, None, compile=True, chunked=True, model=model, compile_backend=compile_backend,
-                           **options)  # fmt: skip
-
-
-def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "inductor"):
-    if name.startswith("hf_peft_bnb"):
-        return hf_peft_bnb(dirs, checkpointing=name != "hf_peft_bnb_noac", liger=name == "hf_peft_bnb_liger")
-    if name == "unsloth":
-        return unsloth(dirs, max_seq)
-    if name.startswith("torchtune"):
-        return torchtune_qlora(dirs, config, max_seq, compiled=name != "torchtune_eager")
-    options = {"ours_fastest": {"keep_dequantized": True, "activation_checkpointing": False},
-               "ours_ac": {"activation_checkpointing": True},
-               "ours_leanest": {"activation_checkpointing": True, "offload_activations": True,
-                                "embedding_on_cpu": True}}  # fmt: skip
-    if name not in options:
-        raise SystemExit(f"peers.py: unknown system {name!r}; known: {', '.join(IMPORTS)}")
-    return ours(dirs, compile_backend=compile_backend, **options[name])
+from peer_systems import DEVICE, IMPORTS, WORLD, build  # noqa: E402
 
 
 # -- one system, in its own process ------------------------------------------------------------------------------
 def run_one(args) -> list[dict]:
+    """System args.one's rows; a multi-rank system (WORLD) on its ranks, each timing the same batch: rank 0's rows
+    with tokens/s of all ranks together and the largest rank's peak memory."""
+    world = WORLD.get(args.one, 1)
+    if world == 1:
+        return _time_system(args, DEVICE)
+    from multi_gpu import spawn
+
+    if DEVICE == "cuda" and torch.cuda.device_count() < world:
+        raise RuntimeError(f"{args.one} needs {world} GPUs, this machine has {torch.cuda.device_count()}")
+    out = spawn(_rank_worker, world, args)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    rows = ranks[0]
+    for i, row in enumerate(rows):
+        if "tokens_per_s" in row:
+            row.update(gpus=world, tokens_per_s_per_gpu=row["tokens_per_s"], tokens_per_s=row["tokens_per_s"] * world,
+                       peak_gb=max(rank[i]["peak_gb"] for rank in ranks))  # fmt: skip
+    return rows
+
+
+def _rank_worker(rank: int, world: int, port: int, args, out: Path) -> None:
+    import torch.distributed as dist
+    from multi_gpu import _join
+
+    device = _join(rank, world, port)
+    try:
+        rows = _time_system(args, device)
+        (out / f"rank{rank}.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def _time_system(args, device: str) -> list[dict]:
     from train_step import free_memory, longest, time_shape
 
     config = model_config(args.config)
     shapes = parse_shapes(args.shapes)
     start = time.perf_counter()
-    step = build(args.one, json.loads(args.dirs), config, max(t for _, t in shapes), args.compile_backend)
+    step = build(args.one, json.loads(args.dirs), config, max(t for _, t in shapes), args.compile_backend, device)
     rows = [{"system": args.one, "setup_s": time.perf_counter() - start}]
     for b, t in shapes:
         rows.append({"system": args.one, "batch": b, "seq": t, **time_shape(step, config, b, t, args.warmup, args.iters)})
         free_memory()
-    if args.longest:
+    if args.longest and WORLD.get(args.one, 1) == 1:  # (ranks probing lengths apart could wait on each other)
         rows.append({"system": args.one, "longest_seq_batch1": longest(step, config, args.longest_start,
                                                                        args.longest_cap, args.longest_budget_s)})  # fmt: skip
     return rows

@@ -104,9 +104,10 @@ def ours(config, args, compile=False, chunked=False, model=None, **options):
 
     if model is None:
         model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
-    options = {"activation_checkpointing": True, "compile": compile, "chunked_loss": chunked, **options}
+    options = {"activation_checkpointing": True, "compile": compile, "chunked_loss": chunked, "device": DEVICE,
+               **options}  # fmt: skip
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lr=1e-4,
-                      warmup_steps=0, max_steps=10**6, progress=False, device=DEVICE, **options)  # fmt: skip
+                      warmup_steps=0, max_steps=10**6, progress=False, **options)  # fmt: skip
     loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
 
     def step(batch):

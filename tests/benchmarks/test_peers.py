@@ -18,13 +18,18 @@ def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
     env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
     env.pop("QLORA_PEERS_SITE_UNSLOTH", None)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--config", "tiny", "--systems",
-                           "hf_peft_bnb,ours_ac,unsloth", "--shapes", "1x48", "--warmup", "1", "--iters", "1",
+                           "hf_peft_bnb,ours_ac,ours_fsdp2,unsloth", "--shapes", "1x48", "--warmup", "1", "--iters", "1",
                            "--compile-backend", "eager", "--checkpoints", str(tmp_path / "ckpt")],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
-    assert set(timed) == {"hf_peft_bnb", "ours_ac"}
+    assert set(timed) == {"hf_peft_bnb", "ours_ac", "ours_fsdp2"}
+    # FSDP2 on 2 gloo ranks, each the same batch: one process's losses; tokens/s counts both ranks
+    two = timed.pop("ours_fsdp2")
+    assert two["gpus"] == 2 and two["tokens_per_s"] == 2 * two["tokens_per_s_per_gpu"]
+    for key in ("first_loss", "loss"):
+        assert abs(two[key] - timed["ours_ac"][key]) <= 1e-5 * timed["ours_ac"][key], key
     assert all(r["bench"] == "peers" and r["batch"] == 1 and r["seq"] == 48 for r in timed.values())
     # the same checkpoint, LoRA and batch: the same loss after the same steps (bnb's and our NF4 bytes are equal)
     assert abs(timed["ours_ac"]["loss"] - timed["hf_peft_bnb"]["loss"]) <= 1e-3 * timed["hf_peft_bnb"]["loss"]
@@ -68,3 +73,27 @@ def test_a_system_past_its_timeout_is_killed_with_the_processes_it_started():
     assert time.perf_counter() - start < 20
     assert peers.run_killable([sys.executable, "-c", "print('PEERS_JSON []')"], dict(os.environ), 30)[:2] == (
         0, "PEERS_JSON []\n")
+
+
+def test_torchtune_with_fsdp2_on_two_ranks_starts_where_one_process_does(tmp_path):
+    """torchtune's distributed setup (meta device, layers sharded, the checkpoint loaded into the shards, NF4
+    quantized per shard) gives the loss of its one-device setup before any update (where torchtune is installed,
+    e.g. from the peers' wheels; QLORA_PEERS_SITE_TORCHTUNE names its folder)."""
+    site = os.environ.get("QLORA_PEERS_SITE_TORCHTUNE")
+    probe = subprocess.run([sys.executable, "-c", "import torchtune, torchao"], capture_output=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))})  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip("torchtune is not installed here")
+    env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
+    if site:
+        env["QLORA_PEERS_SITE_TORCHTUNE_FSDP2"] = site
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--config", "tiny", "--systems",
+                           "torchtune,torchtune_fsdp2", "--shapes", "1x48", "--warmup", "1", "--iters", "1",
+                           "--compile-backend", "eager", "--checkpoints", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
+    assert timed["torchtune_fsdp2"]["gpus"] == 2
+    one, two = timed["torchtune"]["first_loss"], timed["torchtune_fsdp2"]["first_loss"]
+    assert abs(one - two) <= 1e-5 * one
