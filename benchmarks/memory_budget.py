@@ -35,7 +35,7 @@ NAMED = {"ours_fastest": {"keep_dequantized": True, "chunked_loss": True, "compi
 
 def measured_setups(rows: list[dict]) -> list[tuple[dict, int, int, float, dict]]:
     """(options, batch, seq, measured peak GB, row) of every peak of ours at the 8B shape in `rows` (the newest per
-    system and shape): train_step's "ours[_compiled][_chunked][/option=value...]", peers' named systems, and
+    system, shape and budget): train_step's "ours[_compiled][_chunked][/option=value...]", peers' named systems, and
     memory_budget's / peers' budget rows with the setup they chose. Runs with chunked MLPs or a loss chunk of
     their own are left out (the model has no term for them)."""
     newest = {}
@@ -55,7 +55,8 @@ def measured_setups(rows: list[dict]) -> list[tuple[dict, int, int, float, dict]
                 continue
         else:
             continue
-        newest[(r.get("bench"), name, r["batch"], r["seq"])] = (options, r["batch"], r["seq"], r["peak_gb"], r)
+        key = (r.get("bench"), name, r["batch"], r["seq"], r.get("budget_gb"))  # each budget's run its own peak
+        newest[key] = (options, r["batch"], r["seq"], r["peak_gb"], r)
     return list(newest.values())
 
 
