@@ -33,24 +33,20 @@ case " $PARTS " in *" train "*)
     /usr/bin/time -v python3 -m qlora_fsdp train --precision bf16 --output-dir "$OUT/run" 2>&1 \
         | grep -v "it/s\]" | tail -25 | tee "$OUT/train.log";;
 esac
-case " $PARTS " in *" train_step "*)
-    python3 benchmarks/train_step.py ${TRAIN_STEP_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/train_step.log"; tail -40 "$OUT/train_step.log";;
-esac
-case " $PARTS " in *" multi_gpu "*)
-    python3 benchmarks/multi_gpu.py ${MULTI_GPU_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/multi_gpu.log"; tail -40 "$OUT/multi_gpu.log";;
-esac
-case " $PARTS " in *" profile "*)
-    python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(\|USDT" > "$OUT/profile.log"; tail -80 "$OUT/profile.log";;
-esac
-case " $PARTS " in *" peers "*)
-    python3 benchmarks/peers.py ${PEERS_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/peers.log"; tail -40 "$OUT/peers.log";;
-esac
-case " $PARTS " in *" budget "*)
-    python3 benchmarks/memory_budget.py ${BUDGET_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/budget.log"; tail -30 "$OUT/budget.log";;
-esac
-case " $PARTS " in *" seventy_b "*)
-    python3 benchmarks/seventy_b.py ${SEVENTY_B_ARGS:-} 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(" > "$OUT/seventy_b.log"; tail -40 "$OUT/seventy_b.log";;
-esac
+# part NAME SCRIPT ARGS TAIL: benchmarks/SCRIPT with ARGS when PARTS names NAME, its log (less progress bars and
+# warnings) in $OUT/NAME.log, its last TAIL lines shown
+part() {
+    case " $PARTS " in *" $1 "*)
+        python3 "benchmarks/$2" $3 2>&1 | grep --line-buffered -v "it/s\]\|Warning\|warn(\|USDT" > "$OUT/$1.log"
+        tail -"$4" "$OUT/$1.log";;
+    esac
+}
+part train_step train_step.py "${TRAIN_STEP_ARGS:-}" 40
+part multi_gpu multi_gpu.py "${MULTI_GPU_ARGS:-}" 40
+part profile profile_step.py "${PROFILE_ARGS:-}" 80
+part peers peers.py "${PEERS_ARGS:-}" 40
+part budget memory_budget.py "${BUDGET_ARGS:-}" 30
+part seventy_b seventy_b.py "${SEVENTY_B_ARGS:-}" 40
 case " $PARTS " in *" gate "*)
     python3 benchmarks/gpu_gate.py ${GATE_ARGS:-} > "$OUT/gate.log" 2>&1; grep -E "^(PASS|FAIL|NOT RUN|gate:)|x [0-9], torch" "$OUT/gate.log";;
 esac

@@ -14,15 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
-    env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
-    env.pop("QLORA_PEERS_SITE_UNSLOTH", None)
+def run_peers(tmp_path, systems: str, env: dict) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """peers.py on the tiny model, 1 x 48 tokens, eager: the process and the rows it wrote."""
+    env = {**env, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--config", "tiny", "--systems",
-                           "hf_peft_bnb,ours_ac,ours_fsdp2,unsloth", "--shapes", "1x48", "--warmup", "1", "--iters", "1",
-                           "--compile-backend", "eager", "--checkpoints", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+                           systems, "--shapes", "1x48", "--warmup", "1", "--iters", "1", "--compile-backend", "eager",
+                           "--checkpoints", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    return proc, [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+
+
+def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "QLORA_PEERS_SITE_UNSLOTH"}
+    proc, rows = run_peers(tmp_path, "hf_peft_bnb,ours_ac,ours_fsdp2,unsloth", env)
     timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
     assert set(timed) == {"hf_peft_bnb", "ours_ac", "ours_fsdp2"}
     # FSDP2 on 2 gloo ranks, each the same batch: one process's losses; tokens/s counts both ranks
@@ -84,15 +89,8 @@ def test_torchtune_with_fsdp2_on_two_ranks_starts_where_one_process_does(tmp_pat
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))})  # fmt: skip
     if probe.returncode != 0:
         pytest.skip("torchtune is not installed here")
-    env = {**os.environ, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
-    if site:
-        env["QLORA_PEERS_SITE_TORCHTUNE_FSDP2"] = site
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--config", "tiny", "--systems",
-                           "torchtune,torchtune_fsdp2", "--shapes", "1x48", "--warmup", "1", "--iters", "1",
-                           "--compile-backend", "eager", "--checkpoints", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    env = {**os.environ, **({"QLORA_PEERS_SITE_TORCHTUNE_FSDP2": site} if site else {})}
+    _, rows = run_peers(tmp_path, "torchtune,torchtune_fsdp2", env)
     timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
     assert timed["torchtune_fsdp2"]["gpus"] == 2
     one, two = timed["torchtune"]["first_loss"], timed["torchtune_fsdp2"]["first_loss"]
