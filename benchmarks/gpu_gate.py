@@ -88,6 +88,9 @@ def gate_paths() -> list[dict]:
     add("1gpu/sft/bf16", kind="sft")
     add("1gpu/cli-train-generate-export/bf16", kind="cli")
     add("1gpu/max-memory/bf16", kind="budget", compile=True)  # the planner's prediction within 10% of step 1's peak
+    # the recomputation's dense weights kept for the checkpointed layer's backward (what --max-memory picks most)
+    add("1gpu/ac-keep-dequantized/bf16", ref="1gpu/default/bf16", tol=COMPILED_FIRST_STEP, steps=1, compile=True,
+        chunked_loss=True, activation_checkpointing=True, keep_dequantized=True)  # fmt: skip
     for prec in ("bf16", "fp16", "fp32"):
         add(f"2gpu/default/{prec}", gpus=2, precision=prec, accum=1, ref=f"1gpu/default/{prec}", tol=TOL[prec])
     two = {"gpus": 2, "accum": 1, "ref": "1gpu/default/bf16", "tol": TOL["bf16"]}

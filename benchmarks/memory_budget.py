@@ -29,6 +29,8 @@ from common import RESULTS, append_results, environment, model_config  # noqa: E
 # the setups of peers.py's and train_step.py's systems of ours (train_step.ours checkpoints unless told not to)
 NAMED = {"ours_fastest": {"keep_dequantized": True, "chunked_loss": True, "compile": True},
          "ours_ac": {"activation_checkpointing": True, "chunked_loss": True, "compile": True},
+         "ours_ac_keep": {"activation_checkpointing": True, "keep_dequantized": True, "chunked_loss": True,
+                          "compile": True},
          "ours_leanest": {"activation_checkpointing": True, "offload_activations": True, "embedding_on_cpu": True,
                           "chunked_loss": True, "compile": True}}  # fmt: skip
 

@@ -23,6 +23,8 @@ its documentation recommends for speed:
                         relative on CPU at 16 layers of width 512 with the 8B vocabulary, 8 steps, compiled)
     ours_fastest        load_model + the loop: --compile --chunked-loss --keep-dequantized, no checkpointing
     ours_ac             --compile --chunked-loss --activation-checkpointing
+    ours_ac_keep        ours_ac + --keep-dequantized (one recomputed layer's dense weights held through its
+                        backward: a dequantization a layer and step fewer)
     ours_leanest        ours_ac + --offload-activations --embedding-on-cpu
     torchtune_fsdp2     torchtune's QLoRA with FSDP2 on 2 GPUs (its lora_finetune_distributed model setup: meta
                         device, compiled, checkpointed, each layer sharded, the checkpoint loaded into the shards)

@@ -130,3 +130,36 @@ def test_checkpointed_loop_keeps_the_down_lora_a_apart(tmp_path, checkpointing):
                      train_batches=ListBatches([collate(synthetic_examples()[:4])]))  # fmt: skip
     mlps = [layer.mlp for layer in decoder_layers(loop.model)]
     assert mlps and all(m.lora_swiglu_fuses_down_a is not checkpointing for m in mlps)
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant", "offload"])
+def test_keep_dequantized_spares_the_backward_dequantization_of_checkpointed_layers(mode, monkeypatch):
+    """With every layer checkpointed, a base weight is dequantized in forward, in the recomputation and in backward:
+    3 times a step. keep_dequantized keeps the recomputation's dense weight for the layer's backward, which follows
+    it at once: 2 times, one layer's dense weights held at a time (the forward keeps nothing: it runs without
+    autograd, or its saved tensors are dropped by the checkpoint). The same gradients."""
+    from qlora_fsdp.nf4.linear import keep_dequantized
+    from qlora_fsdp.nf4.tensor import NF4Tensor
+
+    ids = batch()
+    calls = []
+    original = NF4Tensor.dequantize
+    monkeypatch.setattr(NF4Tensor, "dequantize", lambda self, *a: calls.append(1) or original(self, *a))
+    results = {}
+    for keep in (False, True):
+        model = lora_model()
+        checkpoint_layers(model, reentrant=mode == "reentrant", offload=mode == "offload")
+        n_weights = sum(isinstance(p, NF4Tensor) for p in model.parameters())
+        keep_dequantized(keep)
+        try:
+            calls.clear()
+            grads, _ = grads_and_saved_bytes(model, ids)
+        finally:
+            keep_dequantized(False)
+        results[keep] = (len(calls), grads)
+    # non-reentrant: the first layer's input (the frozen embedding's output) needs no gradient, so backward skips
+    # the input gradients of q, k and v there
+    plain = 3 * n_weights - (3 if mode == "non-reentrant" else 0)
+    assert n_weights > 0 and (results[False][0], results[True][0]) == (plain, 2 * n_weights)
+    for name, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], g, rtol=1e-5, atol=1e-7, msg=name)

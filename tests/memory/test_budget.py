@@ -37,7 +37,9 @@ def test_the_model_is_within_10_percent_of_every_measured_peak_of_ours():
 
 def test_the_plan_is_the_fastest_candidate_predicted_to_fit():
     order = candidates(CONFIG.num_hidden_layers, compiled=True)
-    assert len(order) == len(set(order)) == 2 * (CONFIG.num_hidden_layers - 1 + 5)
+    # no checkpointing, all but k = L-1 .. 0 checkpointed, and the two offloads, each with and without
+    # --keep-dequantized, each with and without the chunked loss
+    assert len(order) == len(set(order)) == 2 * 2 * (CONFIG.num_hidden_layers + 1 + 2)
     chosen = []
     for gb in (5.8, 6.0, 7.0, 7.5, 8.0, 10.0, 16.0, 20.0, 30.0, 31.0, 80.0):
         setup, terms = plan(CONFIG, 1, 2048, gb * 1e9, compiled=True)
@@ -106,3 +108,22 @@ def test_the_first_step_check_warns_past_10_percent(capsys):
         warnings.simplefilter("always")
         check_predicted_peak(8e9, 10e9)
     assert any("off by more than 10%" in str(w.message) for w in caught)
+
+
+def test_with_checkpointing_the_dequantized_weights_are_kept_where_it_pays():
+    """--keep-dequantized with checkpointing holds one recomputed layer's dense weights (2W, 0.44 GB at the 8B
+    shape) and spares a dequantization pass in every layer's backward: the step-time model puts it before keeping
+    more layers' activations, and the memory model adds 2W to the transient (only where a layer is recomputed)."""
+    from qlora_fsdp.memory.budget import _shapes, step_cost
+
+    w = _shapes(CONFIG)[4]
+    ac = Setup(activation_checkpointing=True, chunked_loss=True)
+    ac_keep = Setup(activation_checkpointing=True, keep_dequantized=True, chunked_loss=True)
+    peak = lambda s: predict_peak(CONFIG, 1, 2048, s, compiled=True)  # noqa: E731
+    assert peak(ac_keep)["transient"] - peak(ac)["transient"] == pytest.approx(2 * w)
+    fastest = Setup(keep_dequantized=True, chunked_loss=True)
+    assert peak(fastest)["transient"] == peak(Setup(chunked_loss=True))["transient"]  # nothing recomputed
+    assert step_cost(ac_keep, 32, 2048) < step_cost(ac, 32, 2048)
+    # a budget 0.5 GB above checkpointing every layer: the weights kept, not one more layer's activations
+    setup, _ = plan(CONFIG, 1, 2048, peak(ac)["total"] + 0.5e9, compiled=True)
+    assert setup == ac_keep

@@ -16,7 +16,9 @@ L layers, V vocabulary, W a layer's NF4 base weights):
     checkpointed   (L - k) x T H x 2                  (each checkpointed layer's input; on the host with
                                                        --offload-activations)
     transient      the largest of: a layer's backward, TRANSIENT[mode] x T (H + I) x 2 (TRANSIENT_LAST_KEPT when
-                   checkpointing keeps the last layers: their backward recomputes nothing) (+ with the eager
+                   checkpointing keeps the last layers: their backward recomputes nothing); + 2W with
+                   --keep-dequantized and a checkpointed layer (its recomputation's dense weights, kept for its
+                   backward) (+ with the eager
                    chunked loss, CHUNK_BYTES x a chunk of 2^26 logits), and the unchunked loss,
                    LOGIT_BYTES[mode, batch > 1] x T V
 
@@ -74,16 +76,30 @@ class Setup:
         return ", ".join(words)
 
 
-def candidates(layers: int, *, compiled: bool) -> list[Setup]:
-    """Every setup, fastest first (the order measured with train_step.py and peers.py): no checkpointing with the
-    dequantized weights kept, without them, checkpointing all but the last k layers (k = L-1 .. 1), of every layer,
-    then with the layer inputs on the host, then also the embedding on the CPU. Each with and without the chunked
-    loss, the faster first (chunked when compiled)."""
-    base = [Setup(keep_dequantized=True), Setup()]
-    base += [Setup(activation_checkpointing=True, ac_keep_layers=k) for k in range(layers - 1, 0, -1)]
-    base += [Setup(activation_checkpointing=True),
-             Setup(activation_checkpointing=True, offload_activations=True),
-             Setup(activation_checkpointing=True, offload_activations=True, embedding_on_cpu=True)]  # fmt: skip
+# the step-time model that orders the candidates (one H100, the 8B shape, compiled; train_step.py): a layer's
+# recomputation costs RECOMPUTE_PER_DEQUANT x (tokens / 2048) dequantization passes over its base weights
+# (checkpointing's cost, 58 ms a step over 32 layers at 1 x 2048, f477b57); --keep-dequantized spares one pass a layer
+# (32 ms a step without checkpointing, d835099), with checkpointing the backward's pass after each recomputation
+RECOMPUTE_PER_DEQUANT = 1.84
+
+
+def step_cost(setup: "Setup", layers: int, tokens: int) -> float:
+    """A setup's step time beyond the fastest (no checkpointing, --keep-dequantized), in dequantization passes over
+    one layer's base weights: what orders candidates() (the offloads come last, whatever their cost)."""
+    recomputed = layers - setup.ac_keep_layers if setup.activation_checkpointing else 0
+    return recomputed * RECOMPUTE_PER_DEQUANT * tokens / 2048 + (0 if setup.keep_dequantized else layers)
+
+
+def candidates(layers: int, *, compiled: bool, tokens: int = 2048) -> list[Setup]:
+    """Every setup, fastest first: without the offloads, no checkpointing, checkpointing all but the last k layers
+    (k = L-1 .. 0), each with and without --keep-dequantized, ordered by step_cost at `tokens` a microbatch; then
+    checkpointing every layer with the layer inputs on the host, then also the embedding on the CPU, each with
+    --keep-dequantized first. Each with and without the chunked loss, the faster first (chunked when compiled)."""
+    plain = [Setup(), *(Setup(activation_checkpointing=True, ac_keep_layers=k) for k in range(layers - 1, -1, -1))]
+    both = [Setup(**{**s.options(), "keep_dequantized": keep}) for s in plain for keep in (True, False)]
+    base = sorted(both, key=lambda s: step_cost(s, layers, tokens))  # stable: ties keep the order above
+    for offload in ({"offload_activations": True}, {"offload_activations": True, "embedding_on_cpu": True}):
+        base += [Setup(activation_checkpointing=True, keep_dequantized=keep, **offload) for keep in (True, False)]
     order = (True, False) if compiled else (False, True)
     return [Setup(**{**s.options(), "chunked_loss": chunked}) for s in base for chunked in order]
 
@@ -129,6 +145,8 @@ def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, 
     layer = tokens * (h + inter) * 2
     last_kept = setup.activation_checkpointing and setup.ac_keep_layers > 0
     transient = (TRANSIENT_LAST_KEPT if last_kept else TRANSIENT)[mode] * layer
+    if setup.keep_dequantized and kept < layers:  # a recomputed layer's dense weights, held through its backward
+        transient += 2 * w
     if setup.chunked_loss:
         transient += CHUNK_BYTES[mode] * min(CHUNK_LOGITS, tokens * vocab)
     else:
@@ -153,7 +171,7 @@ def plan(config, batch: int, seq: int, budget: float, *, compiled: bool, lora_r:
     fixed = fixed or {}
     rest = bytes_at_rest(config, 1, lora_r)
     layers = config.num_hidden_layers
-    allowed = [s for s in candidates(layers, compiled=compiled) if all(getattr(s, k) == v for k, v in fixed.items())]
+    allowed = [s for s in candidates(layers, compiled=compiled, tokens=batch * seq) if all(getattr(s, k) == v for k, v in fixed.items())]
     if not allowed:
         raise BudgetError(f"--max-memory with {fixed}: no setup has these options: drop them and let the budget choose")
     predicted = [(s, predict_peak(config, batch, seq, s, compiled=compiled, lora_r=lora_r, at_rest=rest))
