@@ -88,7 +88,7 @@ class TrainConfig:
                                        "(1 GPU)")  # fmt: skip
     embedding_on_cpu: bool = option(False, "the frozen input embedding in host memory, lookups on the CPU (1 GPU)")
     keep_dequantized: bool = option(False, "NF4 linears keep the forward's dequantized weight for backward (faster, "
-                                    "more memory)")  # fmt: skip
+                                    "more memory; with checkpointing one recomputed layer's at a time)")  # fmt: skip
     mlp_chunk_tokens: int = option(0, "N > 0: the MLPs run N tokens at a time, each chunk recomputed in backward")
     max_memory: str = option("", "a GPU memory budget in GB, or 'auto' (free memory less 5%): the fastest setup of "
                              "checkpointing, --ac-keep-layers, --keep-dequantized, the two offloads and "
