@@ -16,9 +16,9 @@ L layers, V vocabulary, W a layer's NF4 base weights):
     checkpointed   (L - k) x T H x 2                  (each checkpointed layer's input; on the host with
                                                        --offload-activations)
     transient      the largest of: a layer's backward, TRANSIENT[mode] x T (H + I) x 2 (TRANSIENT_LAST_KEPT when
-                   checkpointing keeps the last layers: their backward recomputes nothing); + 2W with
-                   --keep-dequantized and a checkpointed layer (its recomputation's dense weights, kept for its
-                   backward) (+ with the eager
+                   checkpointing keeps the last layers: their backward recomputes nothing, and the first
+                   recomputation comes once they are freed); + 2W with --keep-dequantized and a checkpointed
+                   layer (its recomputation's dense weights, kept for its backward) (+ with the eager
                    chunked loss, CHUNK_BYTES x a chunk of 2^26 logits), and the unchunked loss,
                    LOGIT_BYTES[mode, batch > 1] x T V
 
@@ -143,10 +143,12 @@ def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, 
         gathered = 2 * layer_bytes + 2 * vocab * h
     kept = layers if not setup.activation_checkpointing else setup.ac_keep_layers
     layer = tokens * (h + inter) * 2
-    last_kept = setup.activation_checkpointing and setup.ac_keep_layers > 0
-    transient = (TRANSIENT_LAST_KEPT if last_kept else TRANSIENT)[mode] * layer
-    if setup.keep_dequantized and kept < layers:  # a recomputed layer's dense weights, held through its backward
-        transient += 2 * w
+    kept_bytes = kept * (KEPT[mode] * layer + (2 * w if setup.keep_dequantized else 0))
+    transient = TRANSIENT[mode] * layer
+    if setup.activation_checkpointing:  # a recomputed layer's dense weights, held through its backward
+        transient += 2 * w if setup.keep_dequantized else 0
+        if kept:  # backward begins on the kept layers (nothing recomputed) and recomputes once they are freed
+            transient = max(TRANSIENT_LAST_KEPT[mode] * layer, transient - kept_bytes)
     if setup.chunked_loss:
         transient += CHUNK_BYTES[mode] * min(CHUNK_LOGITS, tokens * vocab)
     else:
@@ -154,7 +156,7 @@ def predict_peak(config, batch: int, seq: int, setup: Setup, *, compiled: bool, 
     terms = {
         "at_rest": resident - (2 * vocab * h if setup.embedding_on_cpu else 0),
         "gathered": gathered,
-        "kept_layers": kept * (KEPT[mode] * layer + (2 * w if setup.keep_dequantized else 0)),
+        "kept_layers": kept_bytes,
         "checkpointed_inputs": 0 if setup.offload_activations else (layers - kept) * tokens * h * 2,
         "transient": transient,
     }
