@@ -126,4 +126,4 @@ def test_with_checkpointing_the_dequantized_weights_are_kept_where_it_pays():
     assert step_cost(ac_keep, 32, 2048) < step_cost(ac, 32, 2048)
     # a budget 0.5 GB above checkpointing every layer: the weights kept, not one more layer's activations
     setup, _ = plan(CONFIG, 1, 2048, peak(ac)["total"] + 0.5e9, compiled=True)
-    assert setup == ac_keep
+    assert setup.activation_checkpointing and setup.keep_dequantized and setup.ac_keep_layers <= 1, setup
