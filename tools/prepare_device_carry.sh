@@ -13,6 +13,14 @@
 #   carry [".real1"]:          cp .real1/part /tmp/part1
 #   carry [".real2", ".whl"]:  cat /tmp/part1 .real2/part > /tmp/m.gguf && echo "$(cat .real2/sha256)  /tmp/m.gguf" |
 #                              sha256sum -c && pip install --target /tmp/site .whl/*.whl ... gpu_gate.py --real-model /tmp/m.gguf
+# The peers, on the same warm machine (results into /tmp/results.jsonl, which outlives a call, copied to $OUT each time,
+# so that memory_budget.py finds the peers' peaks of this GPU; QLORA_GIT_COMMIT=<hash>: the device copy's git may not
+# be the tree's):
+#   carry [".whl_peers_a"]: pip install --no-index --no-deps --target /tmp/site_a .whl_peers_a/*; QLORA_RESULTS=
+#                           /tmp/results.jsonl PYTHONPATH=src:/tmp/site_a:/tmp/site:. peers.py --systems <some> ...
+#   carry []:               the rest of the systems the same way, then memory_budget.py --peaks-from /tmp/results.jsonl
+#   carry [".whl_peers_b"]: pip install ... --target /tmp/site_unsloth .whl_peers_b/*; QLORA_PEERS_SITE_UNSLOTH=
+#                           /tmp/site_unsloth peers.py --systems unsloth ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for d in .whl .real1 .real2 .whl_peers_a .whl_peers_b; do
