@@ -14,6 +14,21 @@ import torch
 RESULTS = Path(__file__).with_name("results.jsonl")
 
 
+def _git_commit() -> str | None:
+    """HEAD's short hash, with "-dirty" where the tracked code differs from it (a device machine's copy of a working
+    tree can carry another branch's .git: 2026-12-07 a gate-pending tree reported main's commit)."""
+    root = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "../src", "."],
+                                 capture_output=True, text=True, cwd=root)  # fmt: skip
+    except OSError:
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
+
+
 def environment() -> dict:
     try:
         import triton
@@ -21,14 +36,7 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = os.environ.get("QLORA_GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-            ).stdout.strip()
-        except OSError:
-            commit = None
+    commit = os.environ.get("QLORA_GIT_COMMIT") or _git_commit()
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
