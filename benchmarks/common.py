@@ -140,6 +140,11 @@ def lora_step_flops_per_token(config, seq: int, lora_r: int = 16) -> float:
     return 4 * n_base + 6 * layers * seq * q + lora
 
 
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """[(batch, seq)] of "1x2048,4x2048" (a --shapes argument)."""
+    return [tuple(int(x) for x in s.split("x")) for s in filter(None, spec.split(","))]
+
+
 def model_config(name: str, layers: int | None = None):
     """A benchmark model's transformers config by name, optionally cut to `layers` decoder layers:
     "llama-3.1-8b" and "llama-3.1-70b" (the real models' shapes: random weights, plain RoPE), or "tiny" (CPU

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, append_results, environment, model_config  # noqa: E402
+from common import RESULTS, append_results, environment, model_config, parse_shapes  # noqa: E402
 
 # the setups of peers.py's and train_step.py's systems of ours (train_step.ours checkpoints unless told not to)
 NAMED = {"ours_fastest": {"keep_dequantized": True, "chunked_loss": True, "compile": True},
@@ -108,9 +108,10 @@ def main() -> None:
     import torch
     import train_step
 
+    from qlora_fsdp.memory.budget import Setup
     from qlora_fsdp.training.config import TrainError
 
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     env = environment()
     if args.budgets:
         runs = [("--budgets", b, t, float(gb), None) for gb in args.budgets.split(",") for b, t in shapes]
@@ -128,8 +129,7 @@ def main() -> None:
             print(f"{peer} {b}x{t} {gb:.2f} GB: {e}", flush=True)
             continue
         loop = step.loop
-        setup = {k: getattr(loop.cfg, k) for k in ("activation_checkpointing", "ac_keep_layers", "keep_dequantized",
-                                                    "offload_activations", "embedding_on_cpu", "chunked_loss")}  # fmt: skip
+        setup = {name: getattr(loop.cfg, name) for name in Setup.__dataclass_fields__}
         r = train_step.time_shape(step, config, b, t, args.warmup, args.iters)
         row = {**env, "bench": "memory_budget", "system": f"ours_budget@{peer}", "batch": b, "seq": t,
                "budget_gb": gb, "predicted_gb": loop.predicted_peak / 1e9, "setup": setup, **r,

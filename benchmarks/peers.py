@@ -64,6 +64,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import parse_shapes  # noqa: E402
 from peer_systems import DEVICE, IMPORTS, WORLD, build  # noqa: E402
 
 
@@ -122,10 +123,6 @@ def model_config(name: str):
     from train_step import tiny_config
 
     return llama_3_1_8b_config() if name == "llama-3.1-8b" else tiny_config()
-
-
-def parse_shapes(spec: str) -> list[tuple[int, int]]:
-    return [tuple(int(x) for x in s.split("x")) for s in filter(None, spec.split(","))]
 
 
 def check_imports(names: list[str]) -> dict[str, str]:

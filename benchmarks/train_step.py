@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, environment, lora_step_flops_per_token  # noqa: E402
+from common import append_results, environment, lora_step_flops_per_token, parse_shapes  # noqa: E402
 
 from qlora_fsdp.model import quantizable_linears, random_model  # noqa: E402
 from qlora_fsdp.parallel.sizing import llama_3_1_8b_config  # noqa: E402
@@ -256,7 +256,7 @@ def main() -> None:
     p.add_argument("--fits", default="", help="comma-separated batch-1 lengths: whether one step of each trains")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
-    shapes = [tuple(int(x) for x in s.split("x")) for s in filter(None, args.shapes.split(","))]
+    shapes = parse_shapes(args.shapes)
     env = environment()
     rows = []
     for name in args.systems.split(","):
