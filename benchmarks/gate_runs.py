@@ -238,6 +238,7 @@ def run_budget(path: dict, ctx: dict) -> dict:
     some layers' activations): the loop's own check of the first step's peak against the prediction must be within
     10% (on a GPU; on CPU the plan runs unchecked)."""
     from qlora_fsdp.memory.budget import Setup, predict_peak
+    from qlora_fsdp.training.loop import PEAK_TOLERANCE
 
     def peak(**options):
         setup = Setup(chunked_loss=True, **options)
@@ -253,8 +254,8 @@ def run_budget(path: dict, ctx: dict) -> dict:
         return {**result, "note": f"{chosen}; predicted {loop.predicted_peak / 1e9:.2f} GB, not checked off a GPU"}
     off = checked["predicted_peak_gb"] / checked["peak_gb"] - 1
     note = f"{chosen}; step 1 peak {checked['peak_gb']:.2f} GB, predicted {checked['predicted_peak_gb']:.2f} ({off:+.1%})"
-    if abs(off) > 0.10:
-        raise RuntimeError(f"--max-memory: the prediction is off by more than 10%: {note}")
+    if abs(off) > PEAK_TOLERANCE:
+        raise RuntimeError(f"--max-memory: the prediction is off by more than {PEAK_TOLERANCE:.0%}: {note}")
     return {**result, "note": note}
 
 

@@ -17,8 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPORTS = {"hf_peft_bnb": ["bitsandbytes", "peft"], "hf_peft_bnb_noac": ["bitsandbytes", "peft"],
            "hf_peft_bnb_liger": ["bitsandbytes", "peft", "liger_kernel"], "unsloth": ["unsloth"],
            "torchtune": ["torchtune", "torchao"], "torchtune_eager": ["torchtune", "torchao"], "ours_fastest": [],
-           "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "torchtune_fsdp2": ["torchtune", "torchao"], "ours_fsdp2": [],
-           "ours_fsdp2_noac": []}  # fmt: skip
+           "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "torchtune_fsdp2": ["torchtune", "torchao"],
+           "ours_fsdp2": [], "ours_fsdp2_noac": []}  # fmt: skip
 WORLD = {"torchtune_fsdp2": 2, "ours_fsdp2": 2, "ours_fsdp2_noac": 2}  # ranks (GPUs) of the multi-rank systems
 OURS = {"ours_fastest": {"keep_dequantized": True, "activation_checkpointing": False},
         "ours_ac": {"activation_checkpointing": True},

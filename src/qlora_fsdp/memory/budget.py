@@ -173,7 +173,8 @@ def plan(config, batch: int, seq: int, budget: float, *, compiled: bool, lora_r:
     fixed = fixed or {}
     rest = bytes_at_rest(config, 1, lora_r)
     layers = config.num_hidden_layers
-    allowed = [s for s in candidates(layers, compiled=compiled, tokens=batch * seq) if all(getattr(s, k) == v for k, v in fixed.items())]
+    allowed = [s for s in candidates(layers, compiled=compiled, tokens=batch * seq)
+               if all(getattr(s, k) == v for k, v in fixed.items())]  # fmt: skip
     if not allowed:
         raise BudgetError(f"--max-memory with {fixed}: no setup has these options: drop them and let the budget choose")
     predicted = [(s, predict_peak(config, batch, seq, s, compiled=compiled, lora_r=lora_r, at_rest=rest))

@@ -60,13 +60,16 @@ def load_storage(device: torch.device, world: int, pp: int) -> str | None:
     return "cpu" if device.type == "cuda" and world > 1 and pp == 1 else None
 
 
+PEAK_TOLERANCE = 0.10  # --max-memory's contract: the predicted peak within 10% of the first step's measured one
+
+
 def check_predicted_peak(predicted: float, measured: float) -> dict:
     """The --max-memory prediction against the first step's measured peak (bytes): a line, and a warning when it
-    misses by more than 10%."""
+    misses by more than PEAK_TOLERANCE."""
     off = predicted / measured - 1
     line = f"step 1: peak {measured / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB ({off:+.1%})"
-    if abs(off) > 0.10:
-        warnings.warn(f"--max-memory: {line}: the memory model is off by more than 10%", stacklevel=2)
+    if abs(off) > PEAK_TOLERANCE:
+        warnings.warn(f"--max-memory: {line}: the memory model is off by more than {PEAK_TOLERANCE:.0%}", stacklevel=2)
     else:
         print(line)
     return {"predicted_peak_gb": predicted / 1e9, "peak_gb": measured / 1e9}
@@ -326,7 +329,8 @@ class TrainLoop:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        if self.step == 0 and self.predicted_peak and self.device.type == "cuda":
+        check_peak = bool(self.predicted_peak) and self.device.type == "cuda"  # (off a GPU: no peak to read)
+        if check_peak and self.step == 0:
             torch.cuda.reset_peak_memory_stats(self.device)  # the prediction is a step's peak: not load's, not eval's
         start, tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
@@ -336,7 +340,7 @@ class TrainLoop:
             tokens += rec["tokens"]
             elapsed = time.perf_counter() - start
             rec.update(tokens_per_s=tokens / elapsed, mem_gb=memory_gb(self.device), elapsed_s=elapsed)
-            if self.step == 1 and self.predicted_peak and self.device.type == "cuda":
+            if check_peak and self.step == 1:
                 rec.update(check_predicted_peak(self.predicted_peak, torch.cuda.max_memory_allocated(self.device)))
             last = self.step == self.total_steps
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
