@@ -1,4 +1,4 @@
-"""The systems of benchmarks/peers.py: each builds `step(batch) -> loss` (forward, backward, AdamW) on the same
+"""The systems of benchmarks/peers.py: each builds `step(batch) -> loss` (forward, backward, clip, AdamW) on the same
 checkpoint, LoRA (r=16, alpha 32, dropout 0, all 7 projections) and bf16, the way its documentation recommends for
 speed. peers.py runs each in a process of its own (Unsloth and Liger patch transformers for the whole process); a
 system in WORLD runs on that many ranks (FSDP2), each rank the same batch, so its loss is one GPU's.
@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from train_step import MAX_GRAD_NORM, manual_step
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,21 +29,6 @@ OURS = {"ours_fastest": {"keep_dequantized": True, "activation_checkpointing": F
         "ours_fsdp2_noac": {"activation_checkpointing": False}}  # fmt: skip
 
 
-def manual_step(params, loss_of, autocast: bool = True):
-    """A step as Trainer does it: forward (under bf16 autocast), backward, AdamW, zero_grad -> `step(batch) -> loss`."""
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step(batch):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_of(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return step
-
-
 def _hf_loss(model):
     def loss_of(batch):
         return model(input_ids=batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE), use_cache=False).loss
@@ -50,7 +36,7 @@ def _hf_loss(model):
     return loss_of
 
 
-def hf_peft_bnb(dirs, *, checkpointing=True, liger=False):
+def hf_peft_bnb(dirs, max_grad_norm: float, *, checkpointing=True, liger=False):
     import peft
     import transformers
 
@@ -69,10 +55,10 @@ def hf_peft_bnb(dirs, *, checkpointing=True, liger=False):
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
                                                        task_type="CAUSAL_LM"))  # fmt: skip
     model.train()
-    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model))
+    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
 
 
-def unsloth(dirs, max_seq: int):
+def unsloth(dirs, max_seq: int, max_grad_norm: float):
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(model_name=dirs["bnb4"], max_seq_length=max_seq, dtype=torch.bfloat16,
@@ -81,7 +67,7 @@ def unsloth(dirs, max_seq: int):
                                              target_modules=LINEARS, use_gradient_checkpointing="unsloth",
                                              random_state=0, max_seq_length=max_seq)  # fmt: skip
     model.train()
-    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model))
+    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
 
 
 # -- torchtune ---------------------------------------------------------------------------------------------------
@@ -111,7 +97,7 @@ def _torchtune_state(dirs, config, device) -> dict:
                       dim=config.hidden_size)  # fmt: skip
 
 
-def _torchtune_step(model, compiled: bool, device):
+def _torchtune_step(model, compiled: bool, device, max_grad_norm: float):
     """Its recipe's loss (chunked cross-entropy on labels shifted by one, compiled with the model) and AdamW on the
     adapter, bf16 weights without autocast."""
     from torchtune import training
@@ -128,10 +114,11 @@ def _torchtune_step(model, compiled: bool, device):
         labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], -100)))
         return loss_fn(logits, labels)
 
-    return manual_step([p for p in model.parameters() if p.requires_grad], loss_of, autocast=False)
+    return manual_step([p for p in model.parameters() if p.requires_grad], loss_of, autocast=False,
+                       max_grad_norm=max_grad_norm)  # fmt: skip
 
 
-def torchtune_qlora(dirs, config, max_seq: int, compiled: bool = True):
+def torchtune_qlora(dirs, config, max_seq: int, max_grad_norm: float, compiled: bool = True):
     """torchtune's QLoRA on one GPU: its model, activation checkpointing, compiled (lora_finetune_single_device)."""
     from torchtune import training
     from torchtune.modules import TransformerSelfAttentionLayer
@@ -144,10 +131,10 @@ def torchtune_qlora(dirs, config, max_seq: int, compiled: bool = True):
     training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     if compiled:
         training.compile_model(model)
-    return _torchtune_step(model, compiled, DEVICE)
+    return _torchtune_step(model, compiled, DEVICE, max_grad_norm)
 
 
-def torchtune_fsdp2(dirs, config, max_seq: int, device: str, compiled: bool = True):
+def torchtune_fsdp2(dirs, config, max_seq: int, device: str, max_grad_norm: float, compiled: bool = True):
     """torchtune's QLoRA with FSDP2 (lora_finetune_distributed's _setup_model): the model on the meta device,
     compiled and checkpointed per layer, each layer and then the root fully_shard-ed, the LoRA weights initialized on
     the rank's device, the full checkpoint loaded into the shards (its NF4 quantized per shard)."""
@@ -172,7 +159,7 @@ def torchtune_fsdp2(dirs, config, max_seq: int, device: str, compiled: bool = Tr
             if hasattr(m, "rope_init"):
                 m.rope_init()
     training.load_from_full_model_state_dict(model, _torchtune_state(dirs, config, "cpu"), torch.device(device))
-    return _torchtune_step(model, compiled, device)
+    return _torchtune_step(model, compiled, device, max_grad_norm)
 
 
 def rope_theta(config) -> float:
@@ -194,18 +181,21 @@ def ours(dirs, compile_backend: str = "inductor", device: str = DEVICE, world: i
                            device=device, **options)  # fmt: skip
 
 
-def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "inductor", device: str = DEVICE):
-    """`step(batch) -> loss` of system `name`; `device`: this rank's (multi-rank systems). compile_backend "eager"
-    (a CPU smoke test) also runs torchtune uncompiled."""
+def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "inductor", device: str = DEVICE,
+          max_grad_norm: float = MAX_GRAD_NORM):
+    """`step(batch) -> loss` of system `name`; `device`: this rank's (multi-rank systems); every system clips its
+    gradients to `max_grad_norm` (0: none) before AdamW. compile_backend "eager" (a CPU smoke test) also runs
+    torchtune uncompiled."""
     if name.startswith("hf_peft_bnb"):
-        return hf_peft_bnb(dirs, checkpointing=name != "hf_peft_bnb_noac", liger=name == "hf_peft_bnb_liger")
+        return hf_peft_bnb(dirs, max_grad_norm, checkpointing=name != "hf_peft_bnb_noac", liger=name == "hf_peft_bnb_liger")
     if name == "unsloth":
-        return unsloth(dirs, max_seq)
+        return unsloth(dirs, max_seq, max_grad_norm)
     compiled = compile_backend != "eager"
     if name == "torchtune_fsdp2":
-        return torchtune_fsdp2(dirs, config, max_seq, device, compiled=compiled)
+        return torchtune_fsdp2(dirs, config, max_seq, device, max_grad_norm, compiled=compiled)
     if name.startswith("torchtune"):
-        return torchtune_qlora(dirs, config, max_seq, compiled=compiled and name != "torchtune_eager")
+        return torchtune_qlora(dirs, config, max_seq, max_grad_norm, compiled=compiled and name != "torchtune_eager")
     if name not in OURS:
         raise SystemExit(f"peers.py: unknown system {name!r}; known: {', '.join(IMPORTS)}")
-    return ours(dirs, compile_backend=compile_backend, device=device, world=WORLD.get(name, 1), **OURS[name])
+    return ours(dirs, compile_backend=compile_backend, device=device, world=WORLD.get(name, 1),
+                max_grad_norm=max_grad_norm, **OURS[name])  # fmt: skip

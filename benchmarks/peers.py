@@ -7,8 +7,9 @@ The model: Llama-3.1-8B's shape with random weights, written once as a bnb-4bit 
 weights dequantized to 16 bits for torchtune, which quantizes its base itself (t4_recipe.write_checkpoints'
 nf4grid16: from the original 16-bit weights, torchao's NF4 is another model, its first loss 2.3e-2 off ours at 4
 layers of the 8B widths on CPU, 0.39e-2 at 1 layer). Every system: LoRA r=16, alpha 32, dropout 0 on
-all 7 projections, AdamW lr 1e-4, bf16, labels on every token, the same random batch per shape; each run the way
-its documentation recommends for speed:
+all 7 projections, gradients clipped to norm 1.0 and AdamW lr 1e-4 without weight decay (Trainer's defaults, which
+ours uses: a system that clipped differently would train another trajectory), bf16, labels on every token, the same
+random batch per shape; each run the way its documentation recommends for speed:
 
     hf_peft_bnb         transformers + peft + bitsandbytes (the bnb-4bit checkpoint through from_pretrained),
                         non-reentrant activation checkpointing, SDPA
@@ -107,7 +108,8 @@ def _time_system(args, device: str) -> list[dict]:
     config = model_config(args.config)
     shapes = parse_shapes(args.shapes)
     start = time.perf_counter()
-    step = build(args.one, json.loads(args.dirs), config, max(t for _, t in shapes), args.compile_backend, device)
+    step = build(args.one, json.loads(args.dirs), config, max(t for _, t in shapes), args.compile_backend, device,
+                 args.max_grad_norm)  # fmt: skip
     rows = [{"system": args.one, "setup_s": time.perf_counter() - start}]
     for b, t in shapes:
         rows.append({"system": args.one, "batch": b, "seq": t, **time_shape(step, config, b, t, args.warmup, args.iters)})
@@ -151,6 +153,8 @@ def main() -> None:
     p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "qlora_peers_checkpoints"))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="every system's gradient clip before AdamW "
+                   "(Trainer's default; 0: none)")
     p.add_argument("--loss-tol", type=float, default=1e-2, help="relative; against hf_peft_bnb at the same shape")
     p.add_argument("--longest", action="store_true")
     p.add_argument("--longest-start", type=int, default=8192)
@@ -203,7 +207,7 @@ def main() -> None:
 def _run_system(name: str, args, dirs: dict) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", name, "--dirs", json.dumps(dirs), "--config", args.config, "--shapes",
            args.shapes, "--warmup", str(args.warmup), "--iters", str(args.iters), "--compile-backend",
-           args.compile_backend]  # fmt: skip
+           args.compile_backend, "--max-grad-norm", str(args.max_grad_norm)]  # fmt: skip
     if args.longest:
         cmd += ["--longest", "--longest-start", str(args.longest_start), "--longest-cap", str(args.longest_cap),
                 "--longest-budget-s", str(args.longest_budget_s)]  # fmt: skip

@@ -10,10 +10,11 @@ A system of ours takes TrainConfig options after slashes: `ours_compiled_chunked
 Both models have the same random weights, quantized to NF4 on the GPU one linear at a time (nothing downloaded,
 no 16-bit model materialized); the baseline holds them in bitsandbytes `Linear4bit` modules (the modules
 transformers' bitsandbytes integration puts there), bit-identical to ours. Both: LoRA r=16, alpha 32 on all 7
-projections (peft), activation checkpointing, SDPA, AdamW, bf16 autocast, labels on every token. Ours is the
+projections (peft), activation checkpointing, SDPA, gradients clipped to norm 1.0 and AdamW without weight decay
+(Trainer's defaults), bf16 autocast, labels on every token. Ours is the
 `TrainLoop.train_step` a `qlora-fsdp train` run executes (`ours_compiled`: with `--compile`; `*_chunked`: with
-`--chunked-loss`); the baseline is `model(input_ids, labels).loss.backward()`
-+ `AdamW.step()`, what `Trainer` does per step.
+`--chunked-loss`); the baseline is `model(input_ids, labels).loss.backward()`, the clip
+and `AdamW.step()`, what `Trainer` does per step.
 
 Per system and batch x sequence: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated over the timed steps,
 model included), the ratio to the baseline, and model-FLOPs utilisation from the FLOPs a LoRA step needs
@@ -51,6 +52,9 @@ from qlora_fsdp.parallel.sizing import llama_3_1_8b_config  # noqa: E402
 PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16
 DENSE_MATMUL_FLOPS = 790e12  # what large dense bf16 matmuls reach on an H200 (the device tool's H200 notes)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script with --config tiny
+# every system's optimizer, Trainer's defaults: AdamW without weight decay, gradients clipped to norm 1.0 (with AdamW
+# a clip changes the update from the second step on: it rescales each step's gradient by its own factor)
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.0, 1.0
 
 
 def sync():
@@ -106,7 +110,8 @@ def ours(config, args, compile=False, chunked=False, model=None, **options):
         model = random_model(config, dtype=torch.bfloat16, device=DEVICE, seed=0)
     options = {"activation_checkpointing": True, "compile": compile, "chunked_loss": chunked, "device": DEVICE,
                **options}  # fmt: skip
-    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lr=1e-4,
+    options = {"weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, **options}
+    cfg = TrainConfig(output_dir=tempfile.mkdtemp(), precision="bf16", lora_r=16, lora_alpha=32, lr=LR,
                       warmup_steps=0, max_steps=10**6, progress=False, **options)  # fmt: skip
     loop = TrainLoop(cfg, model=model, train_batches=Repeat(None))
 
@@ -140,12 +145,22 @@ def hf_bnb(config, args):
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return manual_step([p for p in model.parameters() if p.requires_grad],
+                       lambda batch: model(input_ids=batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE),
+                                           use_cache=False).loss)  # fmt: skip
+
+
+def manual_step(params, loss_of, autocast: bool = True, max_grad_norm: float = MAX_GRAD_NORM):
+    """A step as Trainer does it: forward (under bf16 autocast), backward, gradients clipped to `max_grad_norm`
+    (0: not clipped), AdamW, zero_grad -> `step(batch) -> loss`."""
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
     def step(batch):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE), use_cache=False).loss
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(batch)
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
