@@ -1,10 +1,11 @@
 """Tokens/s against peak GPU memory, one point per system and configuration, one panel per shape, from results.jsonl.
 
-    python benchmarks/pareto.py [--bench peers] [--commit abc1234] [--gpu H200] [--out benchmarks/pareto.png]
+    python benchmarks/pareto.py [--bench peers,memory_budget] [--commit abc1234] [--gpu H200] [--out benchmarks/pareto.png]
 
-Takes the rows of `--bench` (peers.py's by default; train_step.py's work too) of one commit (by default the newest
-that has such rows) and one GPU model, the newest row per (system, shape); a --max-memory row that peaked past its
-budget is left out. In each panel the points on the Pareto front (no other point is both faster and leaner) are
+Takes the rows of the benches named by `--bench` (peers.py's and memory_budget.py's by default; train_step.py's
+work too) of one commit (by default the newest that has such rows) and one GPU model, the newest row per (system,
+shape); a --max-memory row is named by the peer whose peak set its budget, or by the budget, and one that peaked
+past its budget is left out. In each panel the points on the Pareto front (no other point is both faster and leaner) are
 joined by a line; a system's label sits by its point.
 """
 
@@ -19,9 +20,10 @@ RESULTS = Path(__file__).with_name("results.jsonl")
 
 
 def load_points(path: Path, bench: str, commit: str | None = None, gpu: str | None = None) -> tuple[dict, str, str]:
-    """{(batch, seq): {system: (peak GB, tokens/s)}}, the commit and the GPU they come from."""
+    """{(batch, seq): {system: (peak GB, tokens/s)}}, the commit and the GPU they come from; `bench`: names,
+    comma-separated."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("bench") == bench and "tokens_per_s" in r and "peak_gb" in r and not r.get("oom")
+    rows = [r for r in rows if r.get("bench") in bench.split(",") and "tokens_per_s" in r and "peak_gb" in r and not r.get("oom")
             and not over_budget(r)]  # fmt: skip
     if gpu:
         rows = [r for r in rows if gpu.lower() in (r.get("gpu") or "").lower()]
@@ -37,8 +39,15 @@ def load_points(path: Path, bench: str, commit: str | None = None, gpu: str | No
         raise SystemExit(f"pareto.py: rows of several GPUs at {commit} ({sorted(map(str, gpus))}): pick one with --gpu")
     points: dict = {}
     for r in sorted(rows, key=lambda r: r.get("date", "")):  # the newest row per (system, shape) wins
-        points.setdefault((r["batch"], r["seq"]), {})[r["system"]] = (r["peak_gb"], r["tokens_per_s"])
+        points.setdefault((r["batch"], r["seq"]), {})[label(r)] = (r["peak_gb"], r["tokens_per_s"])
     return points, commit, gpus.pop() or "?"
+
+
+def label(row: dict) -> str:
+    """A row's name in the plot: its system; memory_budget.py's --budgets rows (no peer) by their budget."""
+    if row["system"].endswith("@--budgets"):
+        return f"ours_budget@{row['budget_gb']:g}GB"
+    return row["system"]
 
 
 def over_budget(row: dict) -> bool:
@@ -87,7 +96,7 @@ def draw(points: dict, title: str, out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(RESULTS))
-    p.add_argument("--bench", default="peers")
+    p.add_argument("--bench", default="peers,memory_budget")
     p.add_argument("--commit", default=None)
     p.add_argument("--gpu", default=None, help="a part of the GPU's name, e.g. H200")
     p.add_argument("--out", default=str(Path(__file__).with_name("pareto.png")))

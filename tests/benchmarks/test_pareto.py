@@ -40,12 +40,17 @@ def test_points_come_from_the_newest_commit_and_the_newest_row(tmp_path):
             {**_row("new", "ours", 4, 2048, 0.0, 0.0), "oom": True},
             {**_row("new", "ours_budget@hf", 1, 2048, 9.0, 30.2), "budget_gb": 10.0},  # past its budget: left out
             {**_row("new", "ours_budget@noac", 1, 2048, 9.0, 8.5), "budget_gb": 21.6},
+            {**_row("new", "ours_budget@--budgets", 1, 2048, 7.0, 6.9), "budget_gb": 7.0, "bench": "memory_budget"},
+            {**_row("new", "ours_budget@--budgets", 1, 2048, 8.0, 8.5), "budget_gb": 8.6, "bench": "memory_budget"},
             {"bench": "train_step", "commit": "new", "system": "x"}]  # fmt: skip
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     points, commit, gpu = pareto.load_points(path, "peers")
     assert commit == "new" and gpu == "NVIDIA H200"
     assert points == {(1, 2048): {"hf": (11.0, 3.0), "ours": (8.0, 9.0), "ours_budget@noac": (8.5, 9.0)}}
+    # with memory_budget.py's rows: those of --budgets named by their budget
+    both = pareto.load_points(path, "peers,memory_budget")[0][(1, 2048)]
+    assert both == {**points[(1, 2048)], "ours_budget@7GB": (6.9, 7.0), "ours_budget@8.6GB": (8.5, 8.0)}
     assert pareto.load_points(path, "peers", commit="old")[0] == {(1, 2048): {"hf": (10.0, 1.0)}}
     with pytest.raises(SystemExit, match="no 'peers' rows at commit nope"):
         pareto.load_points(path, "peers", commit="nope")
