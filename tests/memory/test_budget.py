@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_fsdp.memory.budget import BudgetError, Setup, candidates, parse_budget, plan, predict_peak
+from qlora_fsdp.memory.budget import PLAN_MARGIN, BudgetError, Setup, candidates, parse_budget, plan, predict_peak
 from qlora_fsdp.parallel.sizing import llama_3_1_8b_config
 from qlora_fsdp.training import TrainConfig, TrainError, TrainLoop
 from qlora_fsdp.training.loop import check_predicted_peak
@@ -41,19 +41,22 @@ def test_the_plan_is_the_fastest_candidate_predicted_to_fit():
     # --keep-dequantized, each with and without the chunked loss
     assert len(order) == len(set(order)) == 2 * 2 * (CONFIG.num_hidden_layers + 1 + 2)
     chosen = []
-    for gb in (5.8, 6.0, 7.0, 7.5, 8.0, 10.0, 16.0, 20.0, 30.0, 31.0, 80.0):
+    for gb in (6.1, 6.5, 7.0, 7.5, 8.0, 10.0, 16.0, 20.0, 30.0, 31.5, 80.0):
+        cap = gb * 1e9 * (1 - PLAN_MARGIN)  # the plan keeps below the budget by the model's largest miss
         setup, terms = plan(CONFIG, 1, 2048, gb * 1e9, compiled=True)
-        assert terms["total"] <= gb * 1e9
-        i = order.index(setup)  # every faster candidate is predicted over the budget
-        assert all(predict_peak(CONFIG, 1, 2048, s, compiled=True)["total"] > gb * 1e9 for s in order[:i])
+        assert terms["total"] <= cap
+        i = order.index(setup)  # every faster candidate is predicted over it
+        assert all(predict_peak(CONFIG, 1, 2048, s, compiled=True)["total"] > cap for s in order[:i])
         chosen.append(i)
     assert chosen == sorted(chosen, reverse=True)  # a larger budget never picks a slower setup
     assert plan(CONFIG, 1, 2048, 80e9, compiled=True)[0] == Setup(keep_dequantized=True, chunked_loss=True)
     middle = plan(CONFIG, 1, 2048, 12e9, compiled=True)[0]  # some layers keep their activations
     assert middle.activation_checkpointing and 0 < middle.ac_keep_layers < CONFIG.num_hidden_layers
-    assert plan(CONFIG, 1, 2048, 7.0e9, compiled=True)[0] == Setup(activation_checkpointing=True,
+    assert plan(CONFIG, 1, 2048, 7.2e9, compiled=True)[0] == Setup(activation_checkpointing=True,
                                                                  offload_activations=True, chunked_loss=True)  # fmt: skip
-    with pytest.raises(BudgetError, match=r"^--max-memory 5 GB: the leanest setup \(.*\) is predicted at 5.78 GB"):
+    # 7.0 GB: that setup's 6.92 GB is within the budget but not within the plan's margin (measured: 6.97 GB)
+    assert plan(CONFIG, 1, 2048, 7.0e9, compiled=True)[0].embedding_on_cpu
+    with pytest.raises(BudgetError, match=r"^--max-memory 5 GB: the leanest setup \(.*\) is predicted at 5.86 GB"):
         plan(CONFIG, 1, 2048, 5e9, compiled=True)
 
 
@@ -86,12 +89,13 @@ def test_the_loop_runs_the_planned_setup_and_refuses_what_it_cannot_plan(tmp_pat
 
     config = load_model(embedded_model_dir(), dtype=torch.float32, device="cpu").config
     lean = Setup(activation_checkpointing=True, offload_activations=True)  # a budget only checkpointing fits
-    budget = predict_peak(config, 4, 32, lean, compiled=False)["total"] * 1.001
+    budget = predict_peak(config, 4, 32, lean, compiled=False)["total"] * 1.001 / (1 - PLAN_MARGIN)
     expected, terms = plan(config, 4, 32, budget, compiled=False)
     assert expected.activation_checkpointing and not expected.keep_dequantized
     run = loop(max_memory=f"{budget / 1e9:.9f}")  # batch_size x max_length: the tokens the plan is made for
     assert {k: getattr(run.cfg, k) for k in expected.options()} == expected.options()
-    assert run.predicted_peak == terms["total"] <= budget and "memory budget" in capsys.readouterr().out
+    assert run.predicted_peak == terms["total"] <= budget * (1 - PLAN_MARGIN)
+    assert "memory budget" in capsys.readouterr().out
     assert run.train_step()["loss"] > 0
     with pytest.raises(TrainError, match="plans one GPU's memory"):
         TrainConfig(max_memory="16", nproc=2).validate()
@@ -113,17 +117,23 @@ def test_the_first_step_check_warns_past_10_percent(capsys):
 def test_with_checkpointing_the_dequantized_weights_are_kept_where_it_pays():
     """--keep-dequantized with checkpointing holds one recomputed layer's dense weights (2W, 0.44 GB at the 8B
     shape) and spares a dequantization pass in every layer's backward: the step-time model puts it before keeping
-    more layers' activations, and the memory model adds 2W to the transient (only where a layer is recomputed)."""
-    from qlora_fsdp.memory.budget import _shapes, step_cost
+    more layers' activations, and the memory model holds 2W beside part of the backward's transient (only where a
+    layer is recomputed): measured +0.28 GB at 1 x 2048, nothing at 8192 tokens, where the backward's own transient
+    is the larger."""
+    from qlora_fsdp.memory.budget import TRANSIENT, TRANSIENT_KEEP, _shapes, step_cost
 
-    w = _shapes(CONFIG)[4]
+    h, inter, w = _shapes(CONFIG)[0], _shapes(CONFIG)[1], _shapes(CONFIG)[4]
     ac = Setup(activation_checkpointing=True, chunked_loss=True)
     ac_keep = Setup(activation_checkpointing=True, keep_dequantized=True, chunked_loss=True)
-    peak = lambda s: predict_peak(CONFIG, 1, 2048, s, compiled=True)  # noqa: E731
-    assert peak(ac_keep)["transient"] - peak(ac)["transient"] == pytest.approx(2 * w)
+    peak = lambda s, t=2048: predict_peak(CONFIG, 1, t, s, compiled=True)  # noqa: E731
+    layer = 2048 * (h + inter) * 2
+    extra = (TRANSIENT_KEEP["compiled"] - TRANSIENT["compiled"]) * layer + 2 * w
+    assert peak(ac_keep)["transient"] - peak(ac)["transient"] == pytest.approx(extra)
+    assert 0.2e9 < extra < 2 * w
+    assert peak(ac_keep, 8192)["transient"] == peak(ac, 8192)["transient"]
     fastest = Setup(keep_dequantized=True, chunked_loss=True)
     assert peak(fastest)["transient"] == peak(Setup(chunked_loss=True))["transient"]  # nothing recomputed
     assert step_cost(ac_keep, 32, 2048) < step_cost(ac, 32, 2048)
-    # a budget 0.5 GB above checkpointing every layer: the weights kept, not one more layer's activations
-    setup, _ = plan(CONFIG, 1, 2048, peak(ac)["total"] + 0.5e9, compiled=True)
+    # a budget 0.6 GB above checkpointing every layer: the weights kept, not one more layer's activations
+    setup, _ = plan(CONFIG, 1, 2048, peak(ac)["total"] + 0.6e9, compiled=True)
     assert setup.activation_checkpointing and setup.keep_dequantized and setup.ac_keep_layers <= 1, setup

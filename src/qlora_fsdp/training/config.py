@@ -92,7 +92,7 @@ class TrainConfig:
     mlp_chunk_tokens: int = option(0, "N > 0: the MLPs run N tokens at a time, each chunk recomputed in backward")
     max_memory: str = option("", "a GPU memory budget in GB, or 'auto' (free memory less 5%): the fastest setup of "
                              "checkpointing, --ac-keep-layers, --keep-dequantized, the two offloads and "
-                             "--chunked-loss predicted to fit (1 GPU); those you set yourself are kept")  # fmt: skip
+                             "--chunked-loss predicted to fit 3% below it (1 GPU); those you set yourself are kept")  # fmt: skip
     compile: bool = option(False, "torch.compile every decoder layer (fullgraph) and the loss")
     compile_backend: str = option("inductor", "torch.compile backend", ("inductor", "aot_eager", "eager"))
     compile_mode: str = option("", "inductor's mode ('': its default)", ("",) + COMPILE_MODES)
