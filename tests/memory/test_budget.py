@@ -105,13 +105,20 @@ def test_the_loop_runs_the_planned_setup_and_refuses_what_it_cannot_plan(tmp_pat
         "qlora-fsdp train: error: --max-memory 1e-05 GB: the leanest setup"), proc.stderr[-2000:]  # fmt: skip
 
 
-def test_the_first_step_check_warns_past_10_percent(capsys):
+def test_the_first_step_check_warns_past_10_percent_or_past_the_budget(capsys):
     assert check_predicted_peak(9.5e9, 10e9)["predicted_peak_gb"] == 9.5
     assert "(-5.0%)" in capsys.readouterr().out
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_predicted_peak(8e9, 10e9)
     assert any("off by more than 10%" in str(w.message) for w in caught)
+    # within 10% but past the budget: the user is told by how much
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_predicted_peak(8.54e9, 8.76e9, budget=8.6e9)
+    assert [str(w.message) for w in caught] == [
+        "--max-memory: step 1: peak 8.76 GB, predicted 8.54 GB (-2.5%), over the 8.6 GB budget: lower it by 0.16 GB "
+        "to stay within it"]  # fmt: skip
 
 
 def test_with_checkpointing_the_dequantized_weights_are_kept_where_it_pays():

@@ -63,13 +63,16 @@ def load_storage(device: torch.device, world: int, pp: int) -> str | None:
 PEAK_TOLERANCE = 0.10  # --max-memory's contract: the predicted peak within 10% of the first step's measured one
 
 
-def check_predicted_peak(predicted: float, measured: float) -> dict:
+def check_predicted_peak(predicted: float, measured: float, budget: float = float("inf")) -> dict:
     """The --max-memory prediction against the first step's measured peak (bytes): a line, and a warning when it
-    misses by more than PEAK_TOLERANCE."""
+    misses by more than PEAK_TOLERANCE or the peak passed the budget."""
     off = predicted / measured - 1
     line = f"step 1: peak {measured / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB ({off:+.1%})"
     if abs(off) > PEAK_TOLERANCE:
         warnings.warn(f"--max-memory: {line}: the memory model is off by more than {PEAK_TOLERANCE:.0%}", stacklevel=2)
+    elif measured > budget:
+        warnings.warn(f"--max-memory: {line}, over the {budget / 1e9:.3g} GB budget: lower it by "
+                      f"{(measured - budget) / 1e9:.2f} GB to stay within it", stacklevel=2)  # fmt: skip
     else:
         print(line)
     return {"predicted_peak_gb": predicted / 1e9, "peak_gb": measured / 1e9}
@@ -111,9 +114,10 @@ class TrainLoop:
             model = load_model(cfg.model, dtype=self.dtype, device=self.device,
                                storage_device=load_storage(self.device, self.world, cfg.pp))  # fmt: skip
         self.tokenizer = tokenizer
-        self.predicted_peak = None  # bytes, with --max-memory: checked against the measured peak after step 1
+        # bytes, with --max-memory: the predicted peak, checked against the measured one after step 1, and the budget
+        self.predicted_peak, self.memory_budget = None, float("inf")
         if cfg.max_memory:
-            self.predicted_peak = plan_memory(cfg, model.config, self.device)
+            self.predicted_peak, self.memory_budget = plan_memory(cfg, model.config, self.device)
         self.prepared = prepare(model, cfg, device=self.device, rank=self.rank, world=self.world)
         self.model = self.prepared.model
         self._loss_sum = self.prepared.loss_sum
@@ -341,7 +345,8 @@ class TrainLoop:
             elapsed = time.perf_counter() - start
             rec.update(tokens_per_s=tokens / elapsed, mem_gb=memory_gb(self.device), elapsed_s=elapsed)
             if check_peak and self.step == 1:
-                rec.update(check_predicted_peak(self.predicted_peak, torch.cuda.max_memory_allocated(self.device)))
+                peak = torch.cuda.max_memory_allocated(self.device)
+                rec.update(check_predicted_peak(self.predicted_peak, peak, self.memory_budget))
             last = self.step == self.total_steps
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                 rec.update(self.evaluate())

@@ -30,9 +30,9 @@ from ..parallel.fsdp import fsdp_policies
 from .config import CPU_OFFLOAD_NEEDS_SHARDS, PRECISIONS, TrainConfig, TrainError
 
 
-def plan_memory(cfg: TrainConfig, config, device: torch.device) -> float:
+def plan_memory(cfg: TrainConfig, config, device: torch.device) -> tuple[float, float]:
     """--max-memory: set cfg's memory options to the fastest setup predicted to fit (memory/budget.py), the ones the
-    user set kept; print the choice. Returns the predicted peak (bytes)."""
+    user set kept; print the choice. Returns the predicted peak and the budget (bytes)."""
     from dataclasses import fields
 
     from ..memory.budget import BudgetError, Setup, parse_budget, plan
@@ -50,7 +50,7 @@ def plan_memory(cfg: TrainConfig, config, device: torch.device) -> float:
         setattr(cfg, name, value)
     print(f"memory budget {budget / 1e9:.3g} GB: {setup.describe(config.num_hidden_layers)}; predicted peak "
           f"{terms['total'] / 1e9:.3g} GB at {cfg.batch_size} x {tokens} tokens")  # fmt: skip
-    return terms["total"]
+    return terms["total"], budget
 
 
 def add_lora(model: nn.Module, cfg: TrainConfig):
