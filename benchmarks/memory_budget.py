@@ -6,7 +6,8 @@ its tokens/s against the peer whose peak set the budget (issue 23: at every peer
 Budgets come from --budgets (GB, at every shape) or from the peers' measured peaks in results.jsonl (the newest
 `peers` row of each system and shape on this GPU model, ours left out). Each budget runs ours (train_step.ours:
 TrainLoop.train_step, compiled, the planner free to choose checkpointing, --keep-dequantized, the offloads and the
-chunked loss) on a random Llama-3.1-8B-shape model in this process, one budget after another. Rows go to
+chunked loss) on a random Llama-3.1-8B-shape model in this process, one budget after another (a budget whose plan
+is one already run at that shape reuses that run's row, marked same_run_as). Rows go to
 results.jsonl (bench "memory_budget"); the table shows predicted vs measured (the planner's contract: within 10%),
 and the ratio to the peer's tokens/s.
 
@@ -44,6 +45,8 @@ def measured_setups(rows: list[dict]) -> list[tuple[dict, int, int, float, dict]
     for r in rows:
         name = str(r.get("system", ""))
         if r.get("config", "llama-3.1-8b") != "llama-3.1-8b" or not r.get("peak_gb") or not r.get("batch"):
+            continue
+        if r.get("same_run_as"):  # another row's peak, counted there
             continue
         if r.get("bench") in ("peers", "memory_budget") and r.get("setup"):
             options = {**r["setup"], "compile": True}
@@ -92,6 +95,17 @@ def peer_peaks(path: Path, gpu: str, shapes: list[tuple[int, int]]) -> list[tupl
     return [(name, b, t, peak, tok) for (name, b, t), (peak, tok) in sorted(newest.items())]
 
 
+def planned(config, batch: int, seq: int, gb: float):
+    """(batch, seq, the setup --max-memory gb plans): budgets with the same key run the same step; None when no
+    setup fits (the loop then says so itself)."""
+    from qlora_fsdp.memory.budget import BudgetError, plan
+
+    try:
+        return batch, seq, plan(config, batch, seq, gb * 1e9, compiled=True)[0]
+    except BudgetError:
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="1x2048")
@@ -120,8 +134,16 @@ def main() -> None:
         if not runs:
             raise SystemExit(f"memory_budget.py: no peers rows for {env['gpu']} at {args.shapes} in "
                              f"{args.peaks_from}: run peers.py first, or give --budgets")  # fmt: skip
-    config, rows = model_config("llama-3.1-8b"), []
+    config, rows, measured = model_config("llama-3.1-8b"), [], {}
     for peer, b, t, gb, peer_tok in runs:
+        same = measured.get(planned(config, b, t, gb))
+        if same is not None:  # another budget at this shape planned the same setup: its run stands for this one
+            row = {**same, "system": f"ours_budget@{peer}", "budget_gb": gb, "peer_tokens_per_s": peer_tok,
+                   "same_run_as": same["system"]}  # fmt: skip
+            rows.append(row)
+            append_results([row])
+            print({k: v for k, v in row.items() if k not in env}, flush=True)
+            continue
         try:
             step = train_step.ours(config, None, compile=True, chunked=False, activation_checkpointing=False,
                                    max_memory=str(gb), batch_size=b, max_length=t)  # fmt: skip
@@ -135,6 +157,7 @@ def main() -> None:
                "budget_gb": gb, "predicted_gb": loop.predicted_peak / 1e9, "setup": setup, **r,
                "peer_tokens_per_s": peer_tok}  # fmt: skip
         rows.append(row)
+        measured[planned(config, b, t, gb)] = row
         append_results([row])
         print({k: v for k, v in row.items() if k not in env}, flush=True)
         del step, loop
