@@ -136,7 +136,8 @@ def main() -> None:
                              f"{args.peaks_from}: run peers.py first, or give --budgets")  # fmt: skip
     config, rows, measured = model_config("llama-3.1-8b"), [], {}
     for peer, b, t, gb, peer_tok in runs:
-        same = measured.get(planned(config, b, t, gb))
+        key = planned(config, b, t, gb)
+        same = measured.get(key)
         if same is not None:  # another budget at this shape planned the same setup: its run stands for this one
             row = {**same, "system": f"ours_budget@{peer}", "budget_gb": gb, "peer_tokens_per_s": peer_tok,
                    "same_run_as": same["system"]}  # fmt: skip
@@ -157,7 +158,7 @@ def main() -> None:
                "budget_gb": gb, "predicted_gb": loop.predicted_peak / 1e9, "setup": setup, **r,
                "peer_tokens_per_s": peer_tok}  # fmt: skip
         rows.append(row)
-        measured[planned(config, b, t, gb)] = row
+        measured[key] = row
         append_results([row])
         print({k: v for k, v in row.items() if k not in env}, flush=True)
         del step, loop
