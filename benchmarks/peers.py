@@ -154,8 +154,8 @@ def main() -> None:
     p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "qlora_peers_checkpoints"))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--max-grad-norm", type=float, default=MAX_GRAD_NORM, help="every system's gradient clip before AdamW "
-                   "(Trainer's default; 0: none)")
+    p.add_argument("--max-grad-norm", type=float, default=MAX_GRAD_NORM,
+                   help="every system's gradient clip before AdamW (Trainer's default; 0: none)")
     p.add_argument("--loss-tol", type=float, default=1e-2, help="relative; against hf_peft_bnb at the same shape")
     p.add_argument("--longest", action="store_true")
     p.add_argument("--longest-start", type=int, default=8192)
