@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..data.formats import PROMPT_FORMATS
+from ..memory.budget import AUTO_MARGIN, PLAN_MARGIN
 from ..model import EMBEDDED
 from ..parallel.pipeline import SCHEDULES
 
@@ -90,9 +91,10 @@ class TrainConfig:
     keep_dequantized: bool = option(False, "NF4 linears keep the forward's dequantized weight for backward (faster, "
                                     "more memory; with checkpointing one recomputed layer's at a time)")  # fmt: skip
     mlp_chunk_tokens: int = option(0, "N > 0: the MLPs run N tokens at a time, each chunk recomputed in backward")
-    max_memory: str = option("", "a GPU memory budget in GB, or 'auto' (free memory less 5%): the fastest setup of "
-                             "checkpointing, --ac-keep-layers, --keep-dequantized, the two offloads and "
-                             "--chunked-loss predicted to fit 3% below it (1 GPU); those you set yourself are kept")  # fmt: skip
+    max_memory: str = option("", f"a GPU memory budget in GB, or 'auto' (free memory less {AUTO_MARGIN:.0%}): the "
+                             "fastest setup of checkpointing, --ac-keep-layers, --keep-dequantized, the two offloads "
+                             f"and --chunked-loss predicted to fit {PLAN_MARGIN:.0%} below it (1 GPU); those you set "
+                             "yourself are kept")  # fmt: skip
     compile: bool = option(False, "torch.compile every decoder layer (fullgraph) and the loss")
     compile_backend: str = option("inductor", "torch.compile backend", ("inductor", "aot_eager", "eager"))
     compile_mode: str = option("", "inductor's mode ('': its default)", ("",) + COMPILE_MODES)
