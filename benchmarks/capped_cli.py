@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from common import cap_gpu_memory
     from t4_recipe import AnonymousPeak, host_peak_gb
 
     from qlora_fsdp.cli import main as cli_main
@@ -41,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     device_option.add_argument("--device", default="cuda")
     on_gpu = torch.cuda.is_available() and not device_option.parse_known_args(cli_args)[0].device.startswith("cpu")
     device = torch.device("cuda", local) if on_gpu else torch.device("cpu")
-    if on_gpu and args.cap_gb:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total), device)
+    cap_gpu_memory(args.cap_gb, device)
     rc, start = 1, time.perf_counter()
     with AnonymousPeak() as anon:
         try:

@@ -140,6 +140,18 @@ def lora_step_flops_per_token(config, seq: int, lora_r: int = 16) -> float:
     return 4 * n_base + 6 * layers * seq * q + lora
 
 
+def cap_gpu_memory(gb: float, device) -> float | None:
+    """Let this process allocate at most `gb` GB on CUDA `device` (past it an allocation raises out-of-memory, as
+    on a GPU of that size: torch.cuda.set_per_process_memory_fraction); the fraction set, None where there is
+    nothing to cap (no cap asked, or a CPU device)."""
+    device = torch.device(device)
+    if not gb or device.type != "cuda":
+        return None
+    fraction = min(1.0, gb * 1e9 / torch.cuda.get_device_properties(device).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def parse_shapes(spec: str) -> list[tuple[int, int]]:
     """[(batch, seq)] of "1x2048,4x2048" (a --shapes argument)."""
     return [tuple(int(x) for x in s.split("x")) for s in filter(None, spec.split(","))]

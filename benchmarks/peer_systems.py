@@ -18,13 +18,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPORTS = {"hf_peft_bnb": ["bitsandbytes", "peft"], "hf_peft_bnb_noac": ["bitsandbytes", "peft"],
            "hf_peft_bnb_liger": ["bitsandbytes", "peft", "liger_kernel"], "unsloth": ["unsloth"],
            "torchtune": ["torchtune", "torchao"], "torchtune_eager": ["torchtune", "torchao"], "ours_fastest": [],
-           "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "torchtune_fsdp2": ["torchtune", "torchao"],
+           "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "ours_longest": [], "torchtune_fsdp2": ["torchtune", "torchao"],
            "ours_fsdp2": [], "ours_fsdp2_noac": []}  # fmt: skip
 WORLD = {"torchtune_fsdp2": 2, "ours_fsdp2": 2, "ours_fsdp2_noac": 2}  # ranks (GPUs) of the multi-rank systems
 OURS = {"ours_fastest": {"keep_dequantized": True, "activation_checkpointing": False},
         "ours_ac": {"activation_checkpointing": True},
         "ours_ac_keep": {"activation_checkpointing": True, "keep_dequantized": True},
         "ours_leanest": {"activation_checkpointing": True, "offload_activations": True, "embedding_on_cpu": True},
+        "ours_longest": {"activation_checkpointing": True, "offload_activations": True, "embedding_on_cpu": True,
+                         "mlp_chunk_tokens": 16384},
         "ours_fsdp2": {"activation_checkpointing": True},  # torchtune_fsdp2's setup: checkpointing, compiled
         "ours_fsdp2_noac": {"activation_checkpointing": False}}  # fmt: skip
 

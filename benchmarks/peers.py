@@ -1,7 +1,7 @@
 """Side by side with what users pick instead: one device run, every system on the same checkpoint, LoRA and batches.
 
     python benchmarks/peers.py [--systems hf_peft_bnb,hf_peft_bnb_noac,...] [--shapes 1x2048,4x2048,1x8192]
-                               [--longest] [--check-imports] [--config tiny]
+                               [--longest] [--memory-cap-gb 16] [--check-imports] [--config tiny]
 
 The model: Llama-3.1-8B's shape with random weights, written once as a bnb-4bit checkpoint, and as the same NF4
 weights dequantized to 16 bits for torchtune, which quantizes its base itself (t4_recipe.write_checkpoints'
@@ -27,6 +27,7 @@ random batch per shape; each run the way its documentation recommends for speed:
     ours_ac_keep        ours_ac + --keep-dequantized (one recomputed layer's dense weights held through its
                         backward: a dequantization a layer and step fewer)
     ours_leanest        ours_ac + --offload-activations --embedding-on-cpu
+    ours_longest        ours_leanest + --mlp-chunk-tokens 16384 (the MLPs 16k tokens at a time: for --longest)
     torchtune_fsdp2     torchtune's QLoRA with FSDP2 on 2 GPUs (its lora_finetune_distributed model setup: meta
                         device, compiled, checkpointed, each layer sharded, the checkpoint loaded into the shards)
     ours_fsdp2          ours with FSDP2 on 2 GPUs, loaded as the CLI does (--nproc 2): compiled, chunked loss,
@@ -39,8 +40,10 @@ Each system runs in its own process (Unsloth and Liger patch transformers for th
 cannot be imported or run is reported with its exact error, and the others go on. Per system and shape: tokens/s,
 peak GPU memory, and the loss after the same steps (and of the first step, before any update): losses that
 disagree by more than --loss-tol with hf_peft_bnb's void the comparison (different math is not a speedup).
---longest: the longest batch-1 sequence (train_step.longest). Rows go to results.jsonl (bench "peers");
-benchmarks/pareto.py draws them.
+--longest: the longest batch-1 sequence (train_step.longest; `--shapes ""` for that alone). --memory-cap-gb: each
+system's process allocates at most that much of its GPU, as on a smaller GPU (16: a T4), and its rows say so
+(memory_cap_gb): the longest sequence on an H200's 141 GB takes minutes a step, on 16 or 24 GB it is the question
+users ask. Rows go to results.jsonl (bench "peers"); benchmarks/pareto.py draws them.
 
 A system's extra packages (carried as wheels: unsloth needs other transformers/trl/datasets versions than the rest)
 come first on its PYTHONPATH from $QLORA_PEERS_SITE_<SYSTEM> (e.g. QLORA_PEERS_SITE_UNSLOTH=/tmp/site_unsloth).
@@ -65,7 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import parse_shapes  # noqa: E402
+from common import cap_gpu_memory, parse_shapes  # noqa: E402
 from peer_systems import DEVICE, IMPORTS, WORLD, build  # noqa: E402
 from train_step import MAX_GRAD_NORM  # noqa: E402
 
@@ -108,17 +111,26 @@ def _time_system(args, device: str) -> list[dict]:
 
     config = model_config(args.config)
     shapes = parse_shapes(args.shapes)
+    capped = {"memory_cap_gb": args.memory_cap_gb} if cap_gpu_memory(args.memory_cap_gb, device) else {}
     start = time.perf_counter()
-    step = build(args.one, json.loads(args.dirs), config, max(t for _, t in shapes), args.compile_backend, device,
+    step = build(args.one, json.loads(args.dirs), config, longest_seq_needed(args), args.compile_backend, device,
                  args.max_grad_norm)  # fmt: skip
     rows = [{"system": args.one, "setup_s": time.perf_counter() - start}]
     for b, t in shapes:
-        rows.append({"system": args.one, "batch": b, "seq": t, **time_shape(step, config, b, t, args.warmup, args.iters)})
+        rows.append({"system": args.one, "batch": b, "seq": t, **capped,
+                     **time_shape(step, config, b, t, args.warmup, args.iters)})  # fmt: skip
         free_memory()
     if args.longest and WORLD.get(args.one, 1) == 1:  # (ranks probing lengths apart could wait on each other)
-        rows.append({"system": args.one, "longest_seq_batch1": longest(step, config, args.longest_start,
-                                                                       args.longest_cap, args.longest_budget_s)})  # fmt: skip
+        rows.append({"system": args.one, **capped, "longest_seq_batch1": longest(step, config, args.longest_start,
+                                                                                 args.longest_cap, args.longest_budget_s)})  # fmt: skip
     return rows
+
+
+def longest_seq_needed(args) -> int:
+    """The longest sequence a system is built for: its position tables (torchtune's RoPE cache, Unsloth's
+    max_seq_length) must reach --longest-cap when --longest probes up to it, or a probe fails on a shape, not on
+    memory."""
+    return max([t for _, t in parse_shapes(args.shapes)] + ([args.longest_cap] if args.longest else []))
 
 
 def model_config(name: str):
@@ -161,6 +173,9 @@ def main() -> None:
     p.add_argument("--longest-start", type=int, default=8192)
     p.add_argument("--longest-cap", type=int, default=262144)
     p.add_argument("--longest-budget-s", type=float, default=120)
+    p.add_argument("--memory-cap-gb", type=float, default=0.0,
+                   help="each system's process may allocate at most this on its GPU (a smaller GPU's memory: 16 for a "
+                        "T4); with --longest, the longest sequence that trains on such a GPU")  # fmt: skip
     p.add_argument("--timeout", type=float, default=900, help="seconds per system")
     p.add_argument("--compile-backend", default="inductor", help="ours' (eager: a quick CPU smoke test)")
     p.add_argument("--check-imports", action="store_true", help="only say which systems import here")
@@ -174,6 +189,8 @@ def main() -> None:
             rows = [{"system": args.one, "error": f"{type(e).__name__}: {e}"[:2000], "trace": traceback.format_exc()[-4000:]}]
         print("PEERS_JSON " + json.dumps(rows), flush=True)
         return
+    if not parse_shapes(args.shapes) and not args.longest:
+        raise SystemExit("peers.py: nothing to run: give --shapes, --longest or both")
     names = args.systems.split(",")
     unknown = [n for n in names if n not in IMPORTS]
     if unknown:
@@ -208,7 +225,8 @@ def main() -> None:
 def _run_system(name: str, args, dirs: dict) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", name, "--dirs", json.dumps(dirs), "--config", args.config, "--shapes",
            args.shapes, "--warmup", str(args.warmup), "--iters", str(args.iters), "--compile-backend",
-           args.compile_backend, "--max-grad-norm", str(args.max_grad_norm)]  # fmt: skip
+           args.compile_backend, "--max-grad-norm", str(args.max_grad_norm), "--memory-cap-gb",
+           str(args.memory_cap_gb)]  # fmt: skip
     if args.longest:
         cmd += ["--longest", "--longest-start", str(args.longest_start), "--longest-cap", str(args.longest_cap),
                 "--longest-budget-s", str(args.longest_budget_s)]  # fmt: skip
@@ -281,7 +299,8 @@ def print_table(rows: list[dict], tol: float) -> None:
                     note += f", before any update {first:.1e}"  # the model's math, or the optimizer's?
             print(f"{r['system']:<20}{shape:>9}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}{r['loss']:>9.4f}  {note}")
         elif "longest_seq_batch1" in r:
-            print(f"{r['system']:<20}  longest batch-1 sequence {r['longest_seq_batch1']:,} tokens")
+            cap = f" in {r['memory_cap_gb']:g} GB" if r.get("memory_cap_gb") else ""
+            print(f"{r['system']:<20}  longest batch-1 sequence{cap} {r['longest_seq_batch1']:,} tokens")
 
 
 if __name__ == "__main__":

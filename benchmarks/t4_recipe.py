@@ -40,8 +40,9 @@ def t4_paths() -> list[dict]:
 
 def cap_memory(device: str) -> None:
     """Let this process use at most CAP_GB of the GPU (allocations past it raise out-of-memory, as on a T4)."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GB * 1e9 / total), device)
+    from common import cap_gpu_memory
+
+    cap_gpu_memory(CAP_GB, device)
 
 
 class AnonymousPeak:

@@ -14,22 +14,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_peers(tmp_path, systems: str, env: dict) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def run_peers(tmp_path, systems: str, env: dict, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """peers.py on the tiny model, 1 x 48 tokens, eager: the process and the rows it wrote."""
     env = {**env, "QLORA_RESULTS": str(tmp_path / "results.jsonl")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--config", "tiny", "--systems",
                            systems, "--shapes", "1x48", "--warmup", "1", "--iters", "1", "--compile-backend", "eager",
-                           "--checkpoints", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300,
-                          env=env)  # fmt: skip
+                           "--checkpoints", str(tmp_path / "ckpt"), *extra], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
 
 
 def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "QLORA_PEERS_SITE_UNSLOTH"}
-    proc, rows = run_peers(tmp_path, "hf_peft_bnb,ours_ac,ours_fsdp2,unsloth", env)
+    proc, rows = run_peers(tmp_path, "hf_peft_bnb,ours_ac,ours_fsdp2,unsloth", env,
+                           "--longest", "--longest-start", "64", "--longest-cap", "128")  # fmt: skip
     timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
     assert set(timed) == {"hf_peft_bnb", "ours_ac", "ours_fsdp2"}
+    # --longest probes past the timed shapes (64, then 128: everything fits on the host), one process systems only
+    longest = {r["system"]: r["longest_seq_batch1"] for r in rows if "longest_seq_batch1" in r}
+    assert longest == {"hf_peft_bnb": 128, "ours_ac": 128}
+    assert "ours_ac               longest batch-1 sequence 128 tokens" in proc.stdout
     # FSDP2 on 2 gloo ranks, each the same batch: one process's losses; tokens/s counts both ranks
     two = timed.pop("ours_fsdp2")
     assert two["gpus"] == 2 and two["tokens_per_s"] == 2 * two["tokens_per_s_per_gpu"]
@@ -90,8 +95,31 @@ def test_torchtune_with_fsdp2_on_two_ranks_starts_where_one_process_does(tmp_pat
     if probe.returncode != 0:
         pytest.skip("torchtune is not installed here")
     env = {**os.environ, **({"QLORA_PEERS_SITE_TORCHTUNE_FSDP2": site} if site else {})}
-    _, rows = run_peers(tmp_path, "torchtune,torchtune_fsdp2", env)
+    _, rows = run_peers(tmp_path, "torchtune,torchtune_fsdp2", env, "--longest", "--longest-start", "64",
+                        "--longest-cap", "128")  # fmt: skip
     timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
     assert timed["torchtune_fsdp2"]["gpus"] == 2
+    # probes past the timed 48 tokens: its RoPE cache built for --longest-cap (built for 48, the probe of 64 failed)
+    assert [r["longest_seq_batch1"] for r in rows if "longest_seq_batch1" in r] == [128]
     one, two = timed["torchtune"]["first_loss"], timed["torchtune_fsdp2"]["first_loss"]
     assert abs(one - two) <= 1e-5 * one
+
+
+def test_the_longest_search_builds_for_its_cap_and_a_cap_applies_to_cuda_only():
+    """A system built for the timed shapes alone fails a longer probe on its position tables (torchtune's RoPE
+    cache), not on memory: --longest builds it for --longest-cap. The memory cap is a CUDA allocator setting."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import peers
+    from common import cap_gpu_memory
+
+    args = argparse.Namespace(shapes="1x2048,1x8192", longest=True, longest_cap=65536)
+    assert peers.longest_seq_needed(args) == 65536
+    assert peers.longest_seq_needed(argparse.Namespace(**{**vars(args), "longest": False})) == 8192
+    assert peers.longest_seq_needed(argparse.Namespace(**{**vars(args), "shapes": ""})) == 65536
+    assert cap_gpu_memory(16.0, "cpu") is None and cap_gpu_memory(0.0, "cpu") is None
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--shapes", ""],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "peers.py: nothing to run: give --shapes, --longest or both")
