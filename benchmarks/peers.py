@@ -121,8 +121,8 @@ def _time_system(args, device: str) -> list[dict]:
                      **time_shape(step, config, b, t, args.warmup, args.iters)})  # fmt: skip
         free_memory()
     if args.longest and WORLD.get(args.one, 1) == 1:  # (ranks probing lengths apart could wait on each other)
-        rows.append({"system": args.one, **capped, "longest_seq_batch1": longest(step, config, args.longest_start,
-                                                                                 args.longest_cap, args.longest_budget_s)})  # fmt: skip
+        seq = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
+        rows.append({"system": args.one, **capped, "longest_seq_batch1": seq})
     return rows
 
 
