@@ -144,6 +144,11 @@ def run_trainer(path: dict, ctx: dict) -> dict:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     model = _hf_model(ctx, path["precision"])
+    if path["options"].get("fuse_lora"):
+        from qlora_fsdp import fuse_lora
+
+        if fuse_lora(model)["linears"] == 0:
+            raise RuntimeError("fuse_lora changed no LoRA layer")
     shard_for_trainer(model, args)
     trainer = InOrder(model=model, args=args, **data)
     start = time.perf_counter()

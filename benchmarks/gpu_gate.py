@@ -85,6 +85,8 @@ def gate_paths() -> list[dict]:
     add("1gpu/accum4/fp16", accum=4, precision="fp16")
     add("1gpu/resume/bf16", kind="resume", ref="1gpu/default/bf16", tol=TOL["bf16"], steps=6)
     add("1gpu/trainer/bf16", kind="trainer")
+    # the README's Trainer recipe + qlora_fsdp.fuse_lora: our LoRA layers and fused SwiGLU in place of peft's
+    add("1gpu/trainer-fused/bf16", kind="trainer", ref="1gpu/trainer/bf16", tol=TOL["bf16"], fuse_lora=True)
     add("1gpu/sft/bf16", kind="sft")
     add("1gpu/cli-train-generate-export/bf16", kind="cli")
     add("1gpu/max-memory/bf16", kind="budget", compile=True)  # the planner's prediction within 10% of step 1's peak
@@ -100,6 +102,7 @@ def gate_paths() -> list[dict]:
     add("2gpu/compile-chunked-ac/bf16", compile=True, chunked_loss=True, activation_checkpointing=True,
         **{**two, "tol": COMPILED_FIRST_STEP, "steps": 1})  # fmt: skip
     add("2gpu/trainer/bf16", kind="trainer", **{**two, "ref": "1gpu/trainer/bf16"})
+    add("2gpu/trainer-fused/bf16", kind="trainer", fuse_lora=True, **{**two, "ref": "1gpu/trainer-fused/bf16"})
     add("2gpu/sft/bf16", kind="sft", **{**two, "ref": "1gpu/sft/bf16"})
     # SmolLM2-135M's widths (576 x 576 projections, tied embeddings): row chunks that split quant groups, so the NF4
     # shards are windows of whole groups, zero-padded (nf4/sharding.py)

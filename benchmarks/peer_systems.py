@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPORTS = {"hf_peft_bnb": ["bitsandbytes", "peft"], "hf_peft_bnb_noac": ["bitsandbytes", "peft"],
            "hf_peft_bnb_liger": ["bitsandbytes", "peft", "liger_kernel"], "unsloth": ["unsloth"],
            "torchtune": ["torchtune", "torchao"], "torchtune_eager": ["torchtune", "torchao"], "ours_fastest": [],
-           "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "ours_longest": [], "ours_in_hf": ["peft"],
+           "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "ours_longest": [], "ours_in_hf": ["peft"], "ours_in_hf_fused": ["peft"],
            "torchtune_fsdp2": ["torchtune", "torchao"],
            "ours_fsdp2": [], "ours_fsdp2_noac": []}  # fmt: skip
 WORLD = {"torchtune_fsdp2": 2, "ours_fsdp2": 2, "ours_fsdp2_noac": 2}  # ranks (GPUs) of the multi-rank systems
@@ -39,12 +39,14 @@ def _hf_loss(model):
     return loss_of
 
 
-def ours_in_hf(dirs, max_grad_norm: float):
+def ours_in_hf(dirs, max_grad_norm: float, fused: bool = False):
     """The README's recipe for Trainer users: `load_model` + `peft.get_peft_model(LoraConfig)`, then transformers'
     own forward, loss and non-reentrant checkpointing, as hf_peft_bnb runs them: only the 4-bit layers are ours (the
-    NF4 dequantizer; peft's own LoRA layers). What swapping bitsandbytes for load_model gives a Trainer user."""
+    NF4 dequantizer; peft's own LoRA layers). What swapping bitsandbytes for load_model gives a Trainer user.
+    fused: + `fuse_lora(model)`, our LoRA layers and fused SwiGLU in place of peft's (lora/fuse.py)."""
     import peft
 
+    from qlora_fsdp import fuse_lora
     from qlora_fsdp.model import load_model
 
     model = load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE)
@@ -52,6 +54,8 @@ def ours_in_hf(dirs, max_grad_norm: float):
     torch.manual_seed(0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
                                                        task_type="CAUSAL_LM"))  # fmt: skip
+    if fused:
+        fuse_lora(model, activation_checkpointing=True)
     model.train()
     return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
 
@@ -208,8 +212,8 @@ def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "i
     torchtune uncompiled."""
     if name.startswith("hf_peft_bnb"):
         return hf_peft_bnb(dirs, max_grad_norm, checkpointing=name != "hf_peft_bnb_noac", liger=name == "hf_peft_bnb_liger")
-    if name == "ours_in_hf":
-        return ours_in_hf(dirs, max_grad_norm)
+    if name.startswith("ours_in_hf"):
+        return ours_in_hf(dirs, max_grad_norm, fused=name == "ours_in_hf_fused")
     if name == "unsloth":
         return unsloth(dirs, max_seq, max_grad_norm)
     compiled = compile_backend != "eager"

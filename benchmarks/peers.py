@@ -30,6 +30,7 @@ random batch per shape; each run the way its documentation recommends for speed:
     ours_longest        ours_leanest + --mlp-chunk-tokens 16384 (the MLPs 16k tokens at a time: for --longest)
     ours_in_hf          the README's recipe for Trainer users (load_model + peft.get_peft_model) run as hf_peft_bnb
                         is: transformers' forward, loss and checkpointing; only the NF4 layers are ours
+    ours_in_hf_fused    ours_in_hf + qlora_fsdp.fuse_lora(model): our LoRA layers and fused SwiGLU in place of peft's
     torchtune_fsdp2     torchtune's QLoRA with FSDP2 on 2 GPUs (its lora_finetune_distributed model setup: meta
                         device, compiled, checkpointed, each layer sharded, the checkpoint loaded into the shards)
     ours_fsdp2          ours with FSDP2 on 2 GPUs, loaded as the CLI does (--nproc 2): compiled, chunked loss,

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "dequantize_model", "TrainConfig", "TrainLoop"]
+__all__ = ["load_model", "dequantize_model", "fuse_lora", "TrainConfig", "TrainLoop"]
 
 
 def __getattr__(name):  # lazy: `import qlora_fsdp.nf4` stays light
@@ -10,6 +10,10 @@ def __getattr__(name):  # lazy: `import qlora_fsdp.nf4` stays light
         from . import model
 
         return getattr(model, name)
+    if name == "fuse_lora":  # our fused LoRA layers on a peft model built for Trainer / SFTTrainer
+        from .lora.fuse import fuse_lora
+
+        return fuse_lora
     if name in ("TrainConfig", "TrainLoop"):  # TrainLoop(cfg) picks the pipeline loop for cfg.pp > 1 (train.py)
         from . import train
 
