@@ -39,29 +39,40 @@ def _hf_loss(model):
     return loss_of
 
 
+def _hf_lora(model, checkpointing: bool = True):
+    """hf_peft_bnb's LoRA on a transformers model: non-reentrant checkpointing (or none), then peft's LoRA r=16 on
+    LINEARS, seeded."""
+    import peft
+
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
+                                                      task_type="CAUSAL_LM"))  # fmt: skip
+
+
+def _hf_step(model, max_grad_norm: float):
+    """`step(batch) -> loss` of a peft model as Trainer steps it: transformers' forward and loss, then
+    train_step.manual_step on its trainable parameters."""
+    model.train()
+    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
+
+
 def ours_in_hf(dirs, max_grad_norm: float, fused: bool = False):
     """The README's recipe for Trainer users: `load_model` + `peft.get_peft_model(LoraConfig)`, then transformers'
     own forward, loss and non-reentrant checkpointing, as hf_peft_bnb runs them: only the 4-bit layers are ours (the
     NF4 dequantizer; peft's own LoRA layers). What swapping bitsandbytes for load_model gives a Trainer user.
     fused: + `fuse_lora(model)`, our LoRA layers and fused SwiGLU in place of peft's (lora/fuse.py)."""
-    import peft
-
     from qlora_fsdp import fuse_lora
     from qlora_fsdp.model import load_model
 
-    model = load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
-                                                       task_type="CAUSAL_LM"))  # fmt: skip
+    model = _hf_lora(load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE))
     if fused:
         fuse_lora(model, activation_checkpointing=True)
-    model.train()
-    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
+    return _hf_step(model, max_grad_norm)
 
 
 def hf_peft_bnb(dirs, max_grad_norm: float, *, checkpointing=True, liger=False):
-    import peft
     import transformers
 
     if liger:  # before the model is built: its classes are patched
@@ -73,13 +84,7 @@ def hf_peft_bnb(dirs, max_grad_norm: float, *, checkpointing=True, liger=False):
                                                               if DEVICE == "cuda" else None, attn_implementation="sdpa")  # fmt: skip
     # not peft.prepare_model_for_kbit_training: its fp32 copies of the norms, embedding and lm_head would cost this
     # baseline memory and speed (train_step.hf_bnb's setup, with which earlier tables were measured)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS,
-                                                       task_type="CAUSAL_LM"))  # fmt: skip
-    model.train()
-    return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
+    return _hf_step(_hf_lora(model, checkpointing), max_grad_norm)
 
 
 def unsloth(dirs, max_seq: int, max_grad_norm: float):
