@@ -147,8 +147,9 @@ def cap_gpu_memory(gb: float, device) -> float | None:
     device = torch.device(device)
     if not gb or device.type != "cuda":
         return None
-    fraction = min(1.0, gb * 1e9 / torch.cuda.get_device_properties(device).total_memory)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" alone is refused
+    fraction = min(1.0, gb * 1e9 / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 

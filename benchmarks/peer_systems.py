@@ -155,7 +155,9 @@ def torchtune_qlora(dirs, config, max_seq: int, max_grad_norm: float, compiled: 
 
     with training.set_default_dtype(torch.bfloat16), torch.device(DEVICE):
         model = _torchtune_model(config, max_seq)
-    model.load_state_dict(_torchtune_state(dirs, config, DEVICE), strict=False)
+    # the checkpoint on the host, as its recipe's checkpointer loads it: each weight reaches the GPU only as it is
+    # quantized into its NF4 parameter (torchao's copy_), so the 16-bit model never sits whole on the GPU
+    model.load_state_dict(_torchtune_state(dirs, config, "cpu"), strict=False)
     set_trainable_params(model, get_adapter_params(model))
     training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     if compiled:
