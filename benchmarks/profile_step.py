@@ -1,18 +1,27 @@
 """Where a training step's time and memory go: one system of train_step.py, shape by shape, under torch.profiler.
 
     python benchmarks/profile_step.py [--system ours_compiled_chunked[/field=value...]] [--shapes 1x2048,4x2048]
-                                      [--trace out.json.gz] [--config tiny]
+                                      [--trace out.json.gz] [--config tiny] [--peer ours_in_hf] [--python-profile 25]
 
 Prints (1) the GPU time per kernel category (matmul, NF4 dequant, attention, fused Triton, other elementwise,
 copies) and the share of the step the GPU is idle, (2) the 25 kernels with the most GPU time, (3) the host ops
 with the most self time, and (4) memory: the model at rest, the peak during forward (loss included) and the peak
 during backward.
+
+--peer NAME profiles a system of peers.py instead (e.g. hf_peft_bnb, ours_in_hf: transformers' own forward and loss),
+on checkpoints written as peers.py writes them. Every run also times the steps with Python's garbage collector
+frozen (gc.freeze: collections skip every object that existed before), and --python-profile N prints the N Python
+functions with the most self time under cProfile: where a host-bound step's host time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import pstats
 import re
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -132,11 +141,59 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--trace", default=None, help="write a Chrome trace per shape here: a folder")
     p.add_argument("--peak-breakdown", action="store_true", help="what is live at the step's memory peak")
+    p.add_argument("--peer", default=None, help="a system of peers.py instead of --system (e.g. ours_in_hf)")
+    p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "qlora_peers_checkpoints"))
+    p.add_argument("--python-profile", type=int, default=0, metavar="N",
+                   help="the N Python functions with the most self time over the steps (cProfile)")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
-    step = build_system(args.system, config, args)
+    if args.peer:
+        step = build_peer(args.peer, config, args)
+        args.system = args.peer
+    else:
+        step = build_system(args.system, config, args)
     for shape in args.shapes.split(","):
         profile_shape(step, getattr(step, "loop", None), config, shape, args)  # the baseline has no loop
+
+
+def build_peer(name: str, config, args):
+    """peers.py's system `name` on its checkpoints (written once under --checkpoints), built for --shapes."""
+    from peer_systems import IMPORTS, build
+    from peers import _tokenizer_into
+    from t4_recipe import write_checkpoints
+    from train_step import MAX_GRAD_NORM
+
+    if name not in IMPORTS:
+        raise SystemExit(f"profile_step.py: unknown --peer {name}; known: {', '.join(IMPORTS)}")
+    dirs = write_checkpoints(config, Path(args.checkpoints), device=DEVICE, formats=("bnb4", "nf4grid16"))
+    _tokenizer_into(dirs)
+    max_seq = max(int(s.split("x")[1]) for s in args.shapes.split(","))
+    return build(name, dirs, config, max_seq, "inductor", DEVICE, MAX_GRAD_NORM)
+
+
+def timed_steps_ms(step, batch, steps: int) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    sync()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def print_python_profile(step, batch, steps: int, top: int) -> None:
+    """cProfile over `steps` steps: the `top` functions by self time, per step (a host-bound step's host time)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step(batch)
+    sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, self s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"\n{'python function (self time, cProfile)':<90}{'calls':>7}{'ms/step':>9}{'us/call':>9}")
+    for (file, line, fn), (calls, _, self_s, _, _) in rows:
+        label = f"{Path(file).name}:{line} {fn}" if line else fn
+        print(f"{label[:88]:<90}{calls // steps:>7}{self_s / steps * 1e3:>9.2f}{self_s / calls * 1e6:>9.1f}")
 
 
 def print_gaps(kernels, steps: int, top: int = 12, min_us: float = 20.0) -> None:
@@ -177,12 +234,12 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     batch = make_batch(config, b, t)
     for _ in range(3):
         step(batch)
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step(batch)
-    sync()
-    step_ms = (time.perf_counter() - start) / args.steps * 1e3
+    step_ms = timed_steps_ms(step, batch, args.steps)
+    gc.freeze()  # everything alive now leaves the collector's generations: what do its collections cost a step?
+    frozen_ms = timed_steps_ms(step, batch, args.steps)
+    gc.unfreeze()
+    if args.python_profile:
+        print_python_profile(step, batch, args.steps, args.python_profile)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
@@ -195,8 +252,8 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time for e in kernels) / args.steps / 1e3  # ms per step
     busy = busy_us(kernels) / args.steps / 1e3
-    print(f"\n{args.system}, {shape}: step {step_ms:.1f} ms unprofiled; kernels {total:.1f} ms, GPU busy "
-          f"{busy:.1f} ms of the profiled step")  # fmt: skip
+    print(f"\n{args.system}, {shape}: step {step_ms:.1f} ms unprofiled ({frozen_ms:.1f} ms with gc frozen); kernels "
+          f"{total:.1f} ms, GPU busy {busy:.1f} ms of the profiled step")  # fmt: skip
     print_gaps(kernels, args.steps)
     by_cat, by_name = {}, {}
     for e in kernels:
