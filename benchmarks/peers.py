@@ -124,8 +124,8 @@ def _time_system(args, device: str) -> list[dict]:
                      **time_shape(step, config, b, t, args.warmup, args.iters)})  # fmt: skip
         free_memory()
     if args.longest and WORLD.get(args.one, 1) == 1:  # (ranks probing lengths apart could wait on each other)
-        seq = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
-        rows.append({"system": args.one, **capped, "longest_seq_batch1": seq})
+        seq, finished = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
+        rows.append({"system": args.one, **capped, "longest_seq_batch1": seq, "longest_search_finished": finished})
     return rows
 
 
@@ -303,7 +303,8 @@ def print_table(rows: list[dict], tol: float) -> None:
             print(f"{r['system']:<20}{shape:>9}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}{r['loss']:>9.4f}  {note}")
         elif "longest_seq_batch1" in r:
             cap = f" in {r['memory_cap_gb']:g} GB" if r.get("memory_cap_gb") else ""
-            print(f"{r['system']:<20}  longest batch-1 sequence{cap} {r['longest_seq_batch1']:,} tokens")
+            print(f"{r['system']:<20}  longest batch-1 sequence{cap} {r['longest_seq_batch1']:,} tokens"
+                  f"{'' if r.get('longest_search_finished', True) else ' or more (the search ran out of time)'}")
 
 
 if __name__ == "__main__":

@@ -239,8 +239,9 @@ def fits(step, config, t) -> bool:
     return ok
 
 
-def longest(step, config, start: int, cap: int, budget_s: float) -> int:
-    """The longest batch-1 sequence (multiple of 1024, up to cap) that trains: doubling, then bisection."""
+def longest(step, config, start: int, cap: int, budget_s: float) -> tuple[int, bool]:
+    """(the longest batch-1 sequence found that trains, multiple of 1024 up to cap; whether the search finished):
+    doubling from `start`, then bisection to 1024 tokens, within `budget_s` seconds. Not finished: a lower bound."""
     deadline = time.monotonic() + budget_s
     ok, bad = 0, None
     t = start
@@ -250,11 +251,11 @@ def longest(step, config, start: int, cap: int, budget_s: float) -> int:
             break
         ok, t = t, t * 2
     if bad is None:
-        return ok
+        return ok, t > cap
     while bad - ok > 1024 and time.monotonic() < deadline:
         mid = (ok + bad) // 2 // 1024 * 1024
         ok, bad = (mid, bad) if fits(step, config, mid) else (ok, mid)
-    return ok
+    return ok, bad - ok <= 1024
 
 
 def main() -> None:
@@ -287,8 +288,8 @@ def main() -> None:
             print(r, flush=True)
             rows.append(r)
         if args.longest:
-            n = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
-            rows.append({"system": label, "longest_seq_batch1": n})
+            n, finished = longest(step, config, args.longest_start, args.longest_cap, args.longest_budget_s)
+            rows.append({"system": label, "longest_seq_batch1": n, "longest_search_finished": finished})
             print(rows[-1], flush=True)
         for t in filter(None, args.fits.split(",")):
             reset_peak()
@@ -326,7 +327,8 @@ def main() -> None:
                   f"peak {r['peak_gb']:.1f} vs {e['peak_gb']:.1f} GB, loss after the same steps {r['loss']:.4f} vs {e['loss']:.4f}")  # fmt: skip
     for r in rows:
         if "longest_seq_batch1" in r:
-            print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens")
+            print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens"
+                  f"{'' if r.get('longest_search_finished', True) else ' or more (the search ran out of time)'}")
         if "fits_seq_batch1" in r:
             print(f"batch 1 x {r['fits_seq_batch1']:,}, {r['system']}: {'fits' if r['fits'] else 'out of memory'}"
                   f" (peak {r['peak_gb']:.1f} GB, {r['step_s']:.0f} s)")  # fmt: skip

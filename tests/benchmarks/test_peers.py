@@ -34,6 +34,8 @@ def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
     # --longest probes past the timed shapes (64, then 128: everything fits on the host), one process systems only
     longest = {r["system"]: r["longest_seq_batch1"] for r in rows if "longest_seq_batch1" in r}
     assert longest == {"hf_peft_bnb": 128, "ours_ac": 128, "ours_in_hf": 128}
+    # they reached the cap: the search finished, the value is not a lower bound cut by --longest-budget-s
+    assert all(r["longest_search_finished"] for r in rows if "longest_seq_batch1" in r)
     # the Trainer users' recipe: HF's math on our NF4 layers, the same bytes as bnb's: HF's losses (2.2e-5 and
     # 6.5e-5 apart when written: bf16 matmuls in another order)
     inhf = timed.pop("ours_in_hf")
@@ -147,3 +149,15 @@ def test_profile_step_profiles_a_peer_with_python_time_and_gc_frozen(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--peer", "nope", "--config",
                           "tiny"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "unknown --peer nope" in bad.stderr
+
+
+def test_the_longest_search_says_when_time_cut_it_short(monkeypatch):
+    """train_step.longest: doubling then bisection to 1,024 tokens; a search the time budget stops is marked
+    unfinished (its value a lower bound), one that reached the cap or narrowed to 1,024 tokens finished."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    monkeypatch.setattr(train_step, "fits", lambda step, config, t: t <= 5000)
+    assert train_step.longest(None, None, 2048, 65536, 60.0) == (4096, True)  # 8192 fails, 6144 and 5120 too
+    assert train_step.longest(None, None, 1024, 4096, 60.0) == (4096, True)  # the cap reached
+    assert train_step.longest(None, None, 2048, 65536, 0.0) == (0, False)  # no time for a single probe
