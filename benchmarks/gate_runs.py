@@ -119,6 +119,8 @@ def run_trainer(path: dict, ctx: dict) -> dict:
                   warmup_steps=2, logging_steps=1, report_to=[], bf16=path["precision"] == "bf16",
                   fp16=path["precision"] == "fp16", seed=0, save_strategy="no", dataloader_drop_last=True,
                   use_cpu=ctx["device"] == "cpu")  # fmt: skip
+    if path["options"].get("gradient_checkpointing"):  # transformers' own, enabled by the Trainer in train()
+        common.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     if path["kind"] == "sft":
         import trl
 
@@ -147,9 +149,13 @@ def run_trainer(path: dict, ctx: dict) -> dict:
     if path["options"].get("fuse_lora"):
         from qlora_fsdp import fuse_lora
 
-        if fuse_lora(model)["linears"] == 0:
+        if fuse_lora(model, activation_checkpointing=bool(path["options"].get("gradient_checkpointing")))["linears"] == 0:
             raise RuntimeError("fuse_lora changed no LoRA layer")
     shard_for_trainer(model, args)
+    if path["options"].get("compile_model"):
+        from qlora_fsdp.compile import compile_model
+
+        compile_model(model)
     trainer = InOrder(model=model, args=args, **data)
     start = time.perf_counter()
     trainer.train()

@@ -87,6 +87,10 @@ def gate_paths() -> list[dict]:
     add("1gpu/trainer/bf16", kind="trainer")
     # the README's Trainer recipe + qlora_fsdp.fuse_lora: our LoRA layers and fused SwiGLU in place of peft's
     add("1gpu/trainer-fused/bf16", kind="trainer", ref="1gpu/trainer/bf16", tol=TOL["bf16"], fuse_lora=True)
+    # ... + the Trainer's own checkpointing and qlora_fsdp.compile_model: the fast Trainer recipe (its step host-bound
+    # in eager at 1 x 2048: README)
+    add("1gpu/trainer-compiled/bf16", kind="trainer", ref="1gpu/trainer-fused/bf16", tol=COMPILED_FIRST_STEP, steps=1,
+        fuse_lora=True, gradient_checkpointing=True, compile_model=True)  # fmt: skip
     add("1gpu/sft/bf16", kind="sft")
     add("1gpu/cli-train-generate-export/bf16", kind="cli")
     add("1gpu/max-memory/bf16", kind="budget", compile=True)  # the planner's prediction within 10% of step 1's peak
@@ -188,7 +192,8 @@ def main() -> int:
         path["index"] = i
     if args.only:
         wanted = {x["name"] for x in paths if re.search(args.only, x["name"])}
-        wanted |= {x["ref"] for x in paths if x["name"] in wanted and x["ref"]}
+        while refs := {x["ref"] for x in paths if x["name"] in wanted and x["ref"]} - wanted:  # refs of refs too
+            wanted |= refs
         paths = [x for x in paths if x["name"] in wanted]
     elif args.cpu and not args.emulate:  # what runs fast on CPU processes
         paths = [x for x in paths if x["kind"] in ("loop", "resume") and not x["options"].get("compile")

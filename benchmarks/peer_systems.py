@@ -19,6 +19,7 @@ IMPORTS = {"hf_peft_bnb": ["bitsandbytes", "peft"], "hf_peft_bnb_noac": ["bitsan
            "hf_peft_bnb_liger": ["bitsandbytes", "peft", "liger_kernel"], "unsloth": ["unsloth"],
            "torchtune": ["torchtune", "torchao"], "torchtune_eager": ["torchtune", "torchao"], "ours_fastest": [],
            "ours_ac": [], "ours_ac_keep": [], "ours_leanest": [], "ours_longest": [], "ours_in_hf": ["peft"], "ours_in_hf_fused": ["peft"],
+           "ours_in_hf_compiled": ["peft"],
            "torchtune_fsdp2": ["torchtune", "torchao"],
            "ours_fsdp2": [], "ours_fsdp2_noac": []}  # fmt: skip
 WORLD = {"torchtune_fsdp2": 2, "ours_fsdp2": 2, "ours_fsdp2_noac": 2}  # ranks (GPUs) of the multi-rank systems
@@ -58,17 +59,21 @@ def _hf_step(model, max_grad_norm: float):
     return manual_step([p for p in model.parameters() if p.requires_grad], _hf_loss(model), max_grad_norm=max_grad_norm)
 
 
-def ours_in_hf(dirs, max_grad_norm: float, fused: bool = False):
+def ours_in_hf(dirs, max_grad_norm: float, fused: bool = False, compile_backend: str | None = None):
     """The README's recipe for Trainer users: `load_model` + `peft.get_peft_model(LoraConfig)`, then transformers'
     own forward, loss and non-reentrant checkpointing, as hf_peft_bnb runs them: only the 4-bit layers are ours (the
     NF4 dequantizer; peft's own LoRA layers). What swapping bitsandbytes for load_model gives a Trainer user.
-    fused: + `fuse_lora(model)`, our LoRA layers and fused SwiGLU in place of peft's (lora/fuse.py)."""
+    fused: + `fuse_lora(model)`, our LoRA layers and fused SwiGLU in place of peft's (lora/fuse.py);
+    compile_backend: + `compile_model(model)`, every decoder layer compiled (fewer kernels and far less Python a step)."""
     from qlora_fsdp import fuse_lora
+    from qlora_fsdp.compile import compile_model
     from qlora_fsdp.model import load_model
 
     model = _hf_lora(load_model(dirs["bnb4"], dtype=torch.bfloat16, device=DEVICE))
     if fused:
         fuse_lora(model, activation_checkpointing=True)
+    if compile_backend:
+        compile_model(model, backend=compile_backend)
     return _hf_step(model, max_grad_norm)
 
 
@@ -220,7 +225,8 @@ def build(name: str, dirs: dict, config, max_seq: int, compile_backend: str = "i
     if name.startswith("hf_peft_bnb"):
         return hf_peft_bnb(dirs, max_grad_norm, checkpointing=name != "hf_peft_bnb_noac", liger=name == "hf_peft_bnb_liger")
     if name.startswith("ours_in_hf"):
-        return ours_in_hf(dirs, max_grad_norm, fused=name == "ours_in_hf_fused")
+        return ours_in_hf(dirs, max_grad_norm, fused=name != "ours_in_hf",
+                          compile_backend=compile_backend if name == "ours_in_hf_compiled" else None)
     if name == "unsloth":
         return unsloth(dirs, max_seq, max_grad_norm)
     compiled = compile_backend != "eager"

@@ -31,6 +31,9 @@ def test_the_paths_cover_every_recipe_schedule_and_reference():
     assert {"2gpu/cpu-offload/bf16", "2gpu/compile-chunked-ac/bf16", "2gpu/trainer/bf16", "2gpu/sft/bf16",
             "2gpu/trainer-fused/bf16"} <= two
     assert next(p for p in paths if p["name"] == "1gpu/trainer-fused/bf16")["options"] == {"fuse_lora": True}
+    compiled = next(p for p in paths if p["name"] == "1gpu/trainer-compiled/bf16")
+    assert compiled["options"] == {"fuse_lora": True, "gradient_checkpointing": True, "compile_model": True}
+    assert compiled["ref"] == "1gpu/trainer-fused/bf16" and compiled["steps"] == 1
     assert {p["tol"] for p in paths if p["ref"] and p["name"].endswith("fp32")} == {1e-4}
     four = {p["name"]: p for p in paths if p["gpus"] == 4}  # FSDP2 on 4, and 2 stages x 2 replicas per schedule
     assert set(four) == {"4gpu/default/bf16"} | {f"pp2x2/{s}/bf16" for s in ("gpipe", "1f1b", "interleaved_zb", "zbv")}

@@ -28,6 +28,9 @@ from .memory.input_grad import embedding_output_requires_grad
 from .model import decoder_layers
 
 
+_SKIP_FWD_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
 def _has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
@@ -36,6 +39,14 @@ def _configure(backend: str, model: nn.Module | None = None) -> None:
     import torch._dynamo
 
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if model is not None and hasattr(torch._dynamo.config, _SKIP_FWD_SIDE_EFFECTS):
+        # transformers' own checkpointing (gradient_checkpointing_enable, or the Trainer's gradient_checkpointing=True,
+        # which may come after this call) calls torch.utils.checkpoint inside each decoder layer's forward in
+        # transformers 5, so the compiled region holds it. Dynamo then refuses a forward side effect it would not
+        # replay in the recomputation, such as the context variable the `kernels` hub sets around attention (which
+        # kernel runs: bookkeeping, no math). Not replaying it is safe for these layers: the recomputation computes
+        # the same tensors (tests/lora/test_fuse.py). Our own checkpointing wraps the compiled layer: no effect there.
+        setattr(torch._dynamo.config, _SKIP_FWD_SIDE_EFFECTS, True)
     if backend == "inductor" and model is not None and _has_dropout(model):
         import torch._inductor.config
 

@@ -27,20 +27,21 @@ def run_peers(tmp_path, systems: str, env: dict, *extra: str) -> tuple[subproces
 
 def test_peers_run_side_by_side_and_a_missing_one_is_named(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "QLORA_PEERS_SITE_UNSLOTH"}
-    proc, rows = run_peers(tmp_path, "hf_peft_bnb,ours_ac,ours_fsdp2,ours_in_hf,unsloth", env,
+    proc, rows = run_peers(tmp_path, "hf_peft_bnb,ours_ac,ours_fsdp2,ours_in_hf,ours_in_hf_compiled,unsloth", env,
                            "--longest", "--longest-start", "64", "--longest-cap", "128")  # fmt: skip
     timed = {r["system"]: r for r in rows if "tokens_per_s" in r}
-    assert set(timed) == {"hf_peft_bnb", "ours_ac", "ours_fsdp2", "ours_in_hf"}
+    assert set(timed) == {"hf_peft_bnb", "ours_ac", "ours_fsdp2", "ours_in_hf", "ours_in_hf_compiled"}
     # --longest probes past the timed shapes (64, then 128: everything fits on the host), one process systems only
     longest = {r["system"]: r["longest_seq_batch1"] for r in rows if "longest_seq_batch1" in r}
-    assert longest == {"hf_peft_bnb": 128, "ours_ac": 128, "ours_in_hf": 128}
+    assert longest == {"hf_peft_bnb": 128, "ours_ac": 128, "ours_in_hf": 128, "ours_in_hf_compiled": 128}
     # they reached the cap: the search finished, the value is not a lower bound cut by --longest-budget-s
     assert all(r["longest_search_finished"] for r in rows if "longest_seq_batch1" in r)
     # the Trainer users' recipe: HF's math on our NF4 layers, the same bytes as bnb's: HF's losses (2.2e-5 and
     # 6.5e-5 apart when written: bf16 matmuls in another order)
-    inhf = timed.pop("ours_in_hf")
-    for key in ("first_loss", "loss"):
-        assert abs(inhf[key] - timed["hf_peft_bnb"][key]) <= 1e-3 * timed["hf_peft_bnb"][key], key
+    for system in ("ours_in_hf", "ours_in_hf_compiled"):  # + fuse_lora and compile_model (Dynamo, eager backend)
+        inhf = timed.pop(system)
+        for key in ("first_loss", "loss"):
+            assert abs(inhf[key] - timed["hf_peft_bnb"][key]) <= 1e-3 * timed["hf_peft_bnb"][key], (system, key)
     assert "ours_ac               longest batch-1 sequence 128 tokens" in proc.stdout
     # FSDP2 on 2 gloo ranks, each the same batch: one process's losses; tokens/s counts both ranks
     two = timed.pop("ours_fsdp2")

@@ -78,3 +78,38 @@ def test_what_is_not_a_plain_peft_linear_is_left_alone():
     assert fuse_lora(model)["linears"] == 7 * LAYERS
     assert fuse_lora(model) == {"linears": 0, "mlps": LAYERS}
     assert fuse_lora(load_model(embedded_model_dir(), dtype=torch.float32, device="cpu")) == {"linears": 0, "mlps": 0}
+
+
+@pytest.mark.timeout(600)
+def test_the_trainer_recipe_compiled_trains_like_eager():
+    """The Trainer recipe with transformers' checkpointing, fuse_lora and compile_model (every decoder layer, one graph,
+    fullgraph): transformers 5 calls the checkpoint inside the compiled forward, where a side effect of the `kernels`
+    hub would stop Dynamo; the loss and every LoRA gradient equal eager's (aot_eager: the same ops)."""
+    from torch._dynamo.utils import counters
+
+    from qlora_fsdp.compile import compile_counts, compile_model
+
+    ids = torch.randint(4, 100, (2, 17), generator=torch.Generator().manual_seed(2))
+    results = []
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for compiled in (False, True):
+            model = recipe_model()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            fuse_lora(model, activation_checkpointing=True)
+            if compiled:
+                compile_model(model, backend="aot_eager")
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        counts = compile_counts()
+    finally:
+        torch._dynamo.reset()
+    assert counts["graph_breaks"] == 0 and counts["graphs"] >= 1, counts
+    (loss, grads), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        assert grads[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7)
