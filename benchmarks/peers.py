@@ -73,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cap_gpu_memory, parse_shapes  # noqa: E402
 from peer_systems import DEVICE, IMPORTS, WORLD, build  # noqa: E402
-from train_step import MAX_GRAD_NORM  # noqa: E402
+from train_step import MAX_GRAD_NORM, longest_tokens  # noqa: E402
 
 
 # -- one system, in its own process ------------------------------------------------------------------------------
@@ -204,12 +204,10 @@ def main() -> None:
     if args.check_imports:
         return
     from common import append_results, environment
-    from t4_recipe import write_checkpoints
 
     config = model_config(args.config)
     start = time.perf_counter()
-    dirs = write_checkpoints(config, Path(args.checkpoints), device=DEVICE, formats=("bnb4", "nf4grid16"))
-    _tokenizer_into(dirs)
+    dirs = peer_checkpoints(config, Path(args.checkpoints))
     print(f"checkpoints in {args.checkpoints} ({time.perf_counter() - start:.0f} s)", flush=True)
     env = environment()
     results = []
@@ -268,6 +266,16 @@ def run_killable(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, s
         signal.signal(signal.SIGTERM, previous)
 
 
+def peer_checkpoints(config, root: Path) -> dict[str, str]:
+    """The systems' checkpoints of `config` under `root` (written once): bnb-4bit, and nf4grid16 for torchtune,
+    each with the embedded model's tokenizer beside it."""
+    from t4_recipe import write_checkpoints
+
+    dirs = write_checkpoints(config, root, device=DEVICE, formats=("bnb4", "nf4grid16"))
+    _tokenizer_into(dirs)
+    return dirs
+
+
 def _tokenizer_into(dirs: dict) -> None:
     """The embedded model's tokenizer files beside each checkpoint (systems that load one with the model)."""
     import shutil
@@ -303,8 +311,7 @@ def print_table(rows: list[dict], tol: float) -> None:
             print(f"{r['system']:<20}{shape:>9}{r['tokens_per_s']:>10,.0f}{r['peak_gb']:>9.1f}{r['loss']:>9.4f}  {note}")
         elif "longest_seq_batch1" in r:
             cap = f" in {r['memory_cap_gb']:g} GB" if r.get("memory_cap_gb") else ""
-            print(f"{r['system']:<20}  longest batch-1 sequence{cap} {r['longest_seq_batch1']:,} tokens"
-                  f"{'' if r.get('longest_search_finished', True) else ' or more (the search ran out of time)'}")
+            print(f"{r['system']:<20}  longest batch-1 sequence{cap} {longest_tokens(r)}")
 
 
 if __name__ == "__main__":

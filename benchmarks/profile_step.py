@@ -21,8 +21,8 @@ import cProfile
 import gc
 import pstats
 import re
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -158,17 +158,16 @@ def main() -> None:
 
 def build_peer(name: str, config, args):
     """peers.py's system `name` on its checkpoints (written once under --checkpoints), built for --shapes."""
+    from common import parse_shapes
     from peer_systems import IMPORTS, build
-    from peers import _tokenizer_into
-    from t4_recipe import write_checkpoints
+    from peers import peer_checkpoints
     from train_step import MAX_GRAD_NORM
 
     if name not in IMPORTS:
         raise SystemExit(f"profile_step.py: unknown --peer {name}; known: {', '.join(IMPORTS)}")
-    dirs = write_checkpoints(config, Path(args.checkpoints), device=DEVICE, formats=("bnb4", "nf4grid16"))
-    _tokenizer_into(dirs)
-    max_seq = max(int(s.split("x")[1]) for s in args.shapes.split(","))
-    return build(name, dirs, config, max_seq, "inductor", DEVICE, MAX_GRAD_NORM)
+    max_seq = max(t for _, t in parse_shapes(args.shapes))
+    return build(name, peer_checkpoints(config, Path(args.checkpoints)), config, max_seq, "inductor", DEVICE,
+                 MAX_GRAD_NORM)  # fmt: skip
 
 
 def timed_steps_ms(step, batch, steps: int) -> float:

@@ -258,6 +258,12 @@ def longest(step, config, start: int, cap: int, budget_s: float) -> tuple[int, b
     return ok, bad - ok <= 1024
 
 
+def longest_tokens(row: dict) -> str:
+    """A longest_seq_batch1 row's value in words, saying where the search's time ran out (a lower bound)."""
+    more = "" if row.get("longest_search_finished", True) else " or more (the search ran out of time)"
+    return f"{row['longest_seq_batch1']:,} tokens{more}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="1x2048,4x2048,1x8192")
@@ -327,8 +333,7 @@ def main() -> None:
                   f"peak {r['peak_gb']:.1f} vs {e['peak_gb']:.1f} GB, loss after the same steps {r['loss']:.4f} vs {e['loss']:.4f}")  # fmt: skip
     for r in rows:
         if "longest_seq_batch1" in r:
-            print(f"longest batch-1 sequence, {r['system']}: {r['longest_seq_batch1']:,} tokens"
-                  f"{'' if r.get('longest_search_finished', True) else ' or more (the search ran out of time)'}")
+            print(f"longest batch-1 sequence, {r['system']}: {longest_tokens(r)}")
         if "fits_seq_batch1" in r:
             print(f"batch 1 x {r['fits_seq_batch1']:,}, {r['system']}: {'fits' if r['fits'] else 'out of memory'}"
                   f" (peak {r['peak_gb']:.1f} GB, {r['step_s']:.0f} s)")  # fmt: skip
