@@ -10,8 +10,9 @@ during backward.
 
 --peer NAME profiles a system of peers.py instead (e.g. hf_peft_bnb, ours_in_hf: transformers' own forward and loss),
 on checkpoints written as peers.py writes them. Every run also times the steps with Python's garbage collector
-frozen (gc.freeze: collections skip every object that existed before), and --python-profile N prints the N Python
-functions with the most self time under cProfile: where a host-bound step's host time goes.
+frozen (gc.freeze: collections skip every object that existed before), --python-profile N prints the N Python
+functions with the most self time under cProfile, and --launch-timing the host time of each Triton launch, layer by
+layer, and the garbage collections (benchmarks/host_timing.py): where a host-bound step's host time goes.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "qlora_peers_checkpoints"))
     p.add_argument("--python-profile", type=int, default=0, metavar="N",
                    help="the N Python functions with the most self time over the steps (cProfile)")
+    p.add_argument("--launch-timing", action="store_true",
+                   help="host time of each Triton launch in the step, by layer, and back to back (CUDA); GC")
     args = p.parse_args()
     config = llama_3_1_8b_config() if args.config == "llama-3.1-8b" else tiny_config()
     if args.peer:
@@ -195,6 +198,20 @@ def print_python_profile(step, batch, steps: int, top: int) -> None:
         print(f"{label[:88]:<90}{calls // steps:>7}{self_s / steps * 1e3:>9.2f}{self_s / calls * 1e6:>9.1f}")
 
 
+def print_step_launch_times(step, batch, steps: int) -> None:
+    """Triton launches' host time inside the step, then the NF4 dequantizer's back to back in this process."""
+    from host_timing import back_to_back_dequant_times, gc_timer, print_gc_times, print_launch_times, triton_launch_timer
+
+    with triton_launch_timer() as times, gc_timer() as collections:
+        for _ in range(steps):
+            step(batch)
+        sync()
+    print_launch_times(times, steps, "Triton launches in the step")
+    print_gc_times(collections, steps)
+    if DEVICE == "cuda":
+        print_launch_times(back_to_back_dequant_times(), 1, "NF4 dequantizer, 500 launches back to back")
+
+
 def print_gaps(kernels, steps: int, top: int = 12, min_us: float = 20.0) -> None:
     """The GPU's idle stretches between kernels (the profiler's `## Call CompiledFxGraph` ranges left out): their
     total per step by size, and the largest with the kernels on either side."""
@@ -239,6 +256,8 @@ def profile_shape(step, loop, config, shape: str, args) -> None:
     gc.unfreeze()
     if args.python_profile:
         print_python_profile(step, batch, args.steps, args.python_profile)
+    if args.launch_timing:
+        print_step_launch_times(step, batch, args.steps)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:

@@ -135,10 +135,11 @@ def test_the_longest_search_builds_for_its_cap_and_a_cap_applies_to_cuda_only():
 
 def test_profile_step_profiles_a_peer_with_python_time_and_gc_frozen(tmp_path):
     """profile_step.py --peer: a peers.py system (HF's forward on our NF4 layers) profiled on peers' checkpoints, its
-    step timed with the garbage collector frozen too, and the Python functions with the most self time listed."""
+    step timed with the garbage collector frozen too, the Python functions with the most self time listed, and the
+    Triton launches and collections timed (--launch-timing)."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--peer", "ours_in_hf",
                            "--config", "tiny", "--shapes", "1x32", "--steps", "1", "--python-profile", "12",
-                           "--checkpoints", str(tmp_path / "ckpt")], capture_output=True, text=True,
+                           "--launch-timing", "--checkpoints", str(tmp_path / "ckpt")], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     head = next(line for line in proc.stdout.splitlines() if line.startswith("ours_in_hf, 1x32: step"))
@@ -147,6 +148,10 @@ def test_profile_step_profiles_a_peer_with_python_time_and_gc_frozen(tmp_path):
     assert len(table) == 12 and all(float(row.split()[-1]) >= 0 for row in table)
     # every decoder linear dequantizes its NF4 weight (on CPU through the PyTorch reference): ours, among the top
     assert any("dequantize_nf4_reference" in row for row in table), table
+    # --launch-timing: the three launch layers (no Triton launch on CPU: the reference) and the collections
+    launches = proc.stdout.split("Triton launches in the step")[1].splitlines()
+    assert [row.split()[:2] for row in launches[2:5]] == [["jit_run", "0"], ["launcher", "0"], ["c_launch", "0"]]
+    assert launches[5].startswith("garbage collections a step: generation 0:")
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--peer", "nope", "--config",
                           "tiny"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "unknown --peer nope" in bad.stderr
