@@ -16,7 +16,10 @@
 # The peers, on the same warm machine (results into /tmp/results.jsonl, which outlives a call, copied to $OUT each time,
 # so that memory_budget.py finds the peers' peaks of this GPU; QLORA_GIT_COMMIT=<hash>: the device copy's git may not
 # be the tree's):
-#   carry [".whl_peers_a"]: pip install --no-index --no-deps --target /tmp/site_a .whl_peers_a/*; QLORA_RESULTS=
+#   carry [".whl_peers_a"]: pip install --no-index --no-deps --target /tmp/site_a .whl_peers_a/bitsandbytes* \
+#                           .whl_peers_a/liger*; torchtune's (torchtune, torchao, torchdata, omegaconf, antlr4) the same way
+#                           into /tmp/tt, with --no-build-isolation (antlr4 is a source archive and no index is reached:
+#                           build isolation fails), named by QLORA_PEERS_SITE_TORCHTUNE=/tmp/tt; QLORA_RESULTS=
 #                           /tmp/results.jsonl PYTHONPATH=src:/tmp/site_a:/tmp/site:. peers.py --systems <some> ...
 #   carry []:               the rest of the systems the same way, then memory_budget.py --peaks-from /tmp/results.jsonl
 #   carry [".whl_peers_b"]: pip install ... --target /tmp/site_unsloth .whl_peers_b/*; QLORA_PEERS_SITE_UNSLOTH=
