@@ -24,8 +24,9 @@ Checks: every loss finite; where a path promises equality, its per-step losses a
 (same global batch) over the first 5 steps within 1e-3 relative in bf16 / fp16 and 1e-4 in fp32, the pipeline
 schedules within 1e-3, resume against the uninterrupted run, compiled against eager on the first step within 1e-2.
 
-The 1-GPU paths are spread over the GPUs (one worker process each); the 2-GPU paths run in one pair of ranks beside
-them, on the same GPUs (--phases: after them, so that tokens/s are a GPU's alone); the 4-GPU paths run after all of
+The 1-GPU paths are spread over two worker processes, one a GPU (both on GPU 0 of a one-GPU machine); the 2-GPU paths
+run in one pair of ranks beside them, on the same GPUs (--phases: after them, and one worker on a one-GPU machine, so
+that tokens/s are a GPU's alone); the 4-GPU paths run after all of
 them. A path that raises, or runs past --path-timeout, is FAIL; its worker is restarted for the paths after it. Paths
 that need more GPUs than the machine has are listed as not run (--cpu: 4 gloo processes stand for 4 GPUs). Prints one line per path, then "gate: N/M passed", and
 appends the rows to benchmarks/results.jsonl ($QLORA_RESULTS).
@@ -154,6 +155,19 @@ def verdict(path: dict, results: dict) -> tuple[bool, str]:
     return ok, f"vs {path['ref']} ({path['steps']} step{'s' * (path['steps'] > 1)}): max rel {diff:.1e} {'<=' if ok else '>'} {path['tol']:.0e}"
 
 
+def one_gpu_shares(one: list[dict], gpus: int, phases: bool = False) -> list[tuple[int, list[dict]]]:
+    """The 1-GPU paths as (GPU, paths in gate order) for two worker processes, heaviest paths first onto the lighter
+    one (a compile, the CLI or generation weighs 3). On a one-GPU machine both share GPU 0: a path's compiles are host
+    work, so two halve the gate's time, and its losses and peak memory stay its own (its tokens/s shares the GPU);
+    with `phases` (tokens/s of a GPU alone) one worker there."""
+    workers = max(1, min(1 if phases and gpus == 1 else 2, len(one)))
+    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] in ("cli", "generate", "t4") else 1  # noqa: E731
+    shares: list[list[dict]] = [[] for _ in range(workers)]
+    for x in sorted(one, key=weight, reverse=True):
+        min(shares, key=lambda s: sum(map(weight, s))).append(x)
+    return [(g % gpus, sorted(s, key=lambda x: x["index"])) for g, s in enumerate(shares) if s]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 32 with --emulate t4)")
@@ -212,13 +226,8 @@ def main() -> int:
     start = time.perf_counter()
     deadline = time.monotonic() + args.deadline if args.deadline else None
     one = [x for x in runnable if x["gpus"] == 1]
-    workers = max(1, min(gpus, 2, len(one)))
-    weight = lambda x: 3 if x["options"].get("compile") or x["kind"] in ("cli", "generate", "t4") else 1  # noqa: E731
-    shares: list[list[dict]] = [[] for _ in range(workers)]
-    for x in sorted(one, key=weight, reverse=True):  # heaviest first onto the lightest worker
-        min(shares, key=lambda s: sum(map(weight, s))).append(x)
-    groups = [WorkerGroup(1, g, sorted(s, key=lambda x: x["index"]), wargs, out, args.path_timeout)
-              for g, s in enumerate(shares) if s]  # fmt: skip
+    groups = [WorkerGroup(1, gpu, share, wargs, out, args.path_timeout)
+              for gpu, share in one_gpu_shares(one, gpus, args.phases)]  # fmt: skip
     two = [x for x in runnable if x["gpus"] == 2]
     cut = []
     if two and args.phases:  # the 2-GPU paths after the 1-GPU ones: no path shares a GPU with another

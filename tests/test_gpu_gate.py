@@ -44,6 +44,25 @@ def test_the_paths_cover_every_recipe_schedule_and_reference():
     assert real["1gpu/smollm2-real-generate/bf16"]["kind"] == "generate"
 
 
+def test_the_one_gpu_paths_go_to_two_workers_on_one_gpu_too():
+    """Two workers share a one-GPU machine's GPU (the gate's compiles are host work), one a GPU on two, a single one
+    with --phases on one GPU; every path once, in gate order within a worker, the compiled ones split between them."""
+    paths = gpu_gate.gate_paths()
+    for i, x in enumerate(paths):
+        x["index"] = i
+    one = [x for x in paths if x["gpus"] == 1]
+    for gpus, phases, expect in ((1, False, [0, 0]), (2, False, [0, 1]), (1, True, [0]), (2, True, [0, 1])):
+        shares = gpu_gate.one_gpu_shares(one, gpus, phases)
+        assert [g for g, _ in shares] == expect
+        names = [x["name"] for _, share in shares for x in share]
+        assert sorted(names) == sorted(x["name"] for x in one)
+        assert all([x["index"] for x in share] == sorted(x["index"] for x in share) for _, share in shares)
+        if len(shares) == 2:
+            compiled = [sum(bool(x["options"].get("compile")) for x in share) for _, share in shares]
+            assert min(compiled) >= 1 and abs(compiled[0] - compiled[1]) <= 2, compiled
+    assert gpu_gate.one_gpu_shares(one[:1], 1) == [(0, one[:1])]
+
+
 def test_a_start_file_read_while_written_is_not_a_timeout(tmp_path):
     """The poller reads <index>.started while ranks write it: a read that is empty or cut short counts as started now
     (as 0 it made an 8-second path "time out after 240 s" in CI), and every rank writes the file without colliding."""
