@@ -26,6 +26,8 @@ Two forms, the same gradients:
   `backward()`.
 Both keep the forward's random-number state and autocast for the recomputation.
 
+Reentrant recomputations leave out the layer's last matmul, whose output backward never reads (recompute_skip.py).
+
 offload=True (reentrant) moves the saved layer inputs to pinned host memory as they are saved and brings each one
 back while backward works on the layer above it (_HostOffload: copies on a side stream, overlapping compute).
 """
@@ -40,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .input_grad import embedding_output_requires_grad
+from .recompute_skip import mark_last_projections, recomputing
 from ..model import decoder_layers
 
 
@@ -56,6 +59,8 @@ def checkpoint_layers(model: nn.Module, *, keep_last: int = 0, offload: bool = F
     n = len(layers) - keep_last
     for layer in list(layers)[:n]:
         layer.__class__ = _checkpointed_class(type(layer), mode)
+    if mode != "non-reentrant":
+        mark_last_projections(model, list(layers)[:n])
     return n
 
 
@@ -75,14 +80,26 @@ def _checkpointed_class(cls: type, mode: str) -> type:
             call = partial(super(new, self).__call__, **kwargs)
             if not (self.training and torch.is_grad_enabled()):
                 return call(*args)
+            if mode == "non-reentrant":
+                return checkpoint(call, *args, use_reentrant=False)
+            run = partial(_run_reentrant, call)
             if mode == "offload":
                 with torch.autograd.graph.saved_tensors_hooks(_OFFLOAD.pack, _OFFLOAD.unpack):
-                    return checkpoint(call, *args, use_reentrant=True)
-            return checkpoint(call, *args, use_reentrant=mode == "reentrant")
+                    return checkpoint(run, *args, use_reentrant=True)
+            return checkpoint(run, *args, use_reentrant=True)
 
         new = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpoint_mode": mode})
         _CLASSES[cls, mode] = new
     return _CLASSES[cls, mode]
+
+
+def _run_reentrant(call, *args):
+    """The layer's call under a reentrant checkpoint: its forward runs without autograd, its recomputation in
+    backward with it, and there the last projection computes no output (recompute_skip.py)."""
+    if torch.is_grad_enabled():
+        with recomputing():
+            return call(*args)
+    return call(*args)
 
 
 # Pinned host memory comes from torch's caching host allocator, which rounds every block up to a power of two: a

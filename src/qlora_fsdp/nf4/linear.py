@@ -11,6 +11,9 @@ The base weight is frozen, so the op yields the input gradient only (and the bia
 bias asks for it): LoRA adapters are separate modules beside it, which lets autograd split input-gradient
 from weight-gradient work (DESIGN.md constraint 4). Under autocast the compute dtype is the autocast dtype;
 otherwise it is the input's dtype.
+
+output_needed=False (memory/recompute_skip.py: a checkpointed layer's recomputation, whose caller never reads y) runs
+no matmul and returns y unwritten (torch.empty), with the same backward and the same tensors saved for it.
 """
 
 from __future__ import annotations
@@ -79,10 +82,15 @@ def keep_dequantized(keep: bool) -> None:
 
 class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, weight, bias: Tensor | None, dtype: torch.dtype, output_needed: bool = True) -> Tensor:
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
         ctx.keep = _KEEP_DEQUANTIZED
+        if not output_needed:  # backward alone needs the weight: dequantized here only to be kept for it
+            if ctx.keep:
+                with _partitioner_policy(CheckpointPolicy.MUST_SAVE):
+                    ctx.save_for_backward(weight.dequantize(dtype))
+            return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)  # (..., out), never written
         with _partitioner_policy(CheckpointPolicy.MUST_SAVE if ctx.keep else CheckpointPolicy.MUST_RECOMPUTE):
             w = weight.dequantize(dtype)  # (out, in)
         if ctx.keep:
@@ -100,11 +108,11 @@ class NF4LinearFunction(torch.autograd.Function):
             grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)  # (..., in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, None, grad_bias, None
+        return grad_x, None, grad_bias, None, None
 
 
-def nf4_linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+def nf4_linear(x: Tensor, weight, bias: Tensor | None = None, *, output_needed: bool = True) -> Tensor:
     """`F.linear(x, weight, bias)` for an NF4Tensor weight (see the module docstring)."""
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return NF4LinearFunction.apply(x, weight, bias, dtype)
+        return NF4LinearFunction.apply(x, weight, bias, dtype, output_needed)
