@@ -6,4 +6,5 @@
     chunked_mlp.py                MLPs a chunk of tokens at a time, each chunk recomputed (--mlp-chunk-tokens)
     cpu_embedding.py              the frozen input embedding in host memory (--embedding-on-cpu)
     input_grad.py                 the embedding output made to require grad (what checkpointed layers need)
+    recompute_skip.py             a checkpointed layer's recomputation without the matmul whose output no backward reads
 """

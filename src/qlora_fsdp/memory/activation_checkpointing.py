@@ -26,7 +26,7 @@ Two forms, the same gradients:
   `backward()`.
 Both keep the forward's random-number state and autocast for the recomputation.
 
-Reentrant recomputations leave out the layer's last matmul, whose output backward never reads (recompute_skip.py).
+Both forms' recomputations leave out the layer's last matmul, whose output backward never reads (recompute_skip.py).
 
 offload=True (reentrant) moves the saved layer inputs to pinned host memory as they are saved and brings each one
 back while backward works on the layer above it (_HostOffload: copies on a side stream, overlapping compute).
@@ -35,6 +35,7 @@ back while backward works on the layer above it (_HostOffload: copies on a side 
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -59,8 +60,7 @@ def checkpoint_layers(model: nn.Module, *, keep_last: int = 0, offload: bool = F
     n = len(layers) - keep_last
     for layer in list(layers)[:n]:
         layer.__class__ = _checkpointed_class(type(layer), mode)
-    if mode != "non-reentrant":
-        mark_last_projections(model, list(layers)[:n])
+    mark_last_projections(model, list(layers)[:n])
     return n
 
 
@@ -81,7 +81,7 @@ def _checkpointed_class(cls: type, mode: str) -> type:
             if not (self.training and torch.is_grad_enabled()):
                 return call(*args)
             if mode == "non-reentrant":
-                return checkpoint(call, *args, use_reentrant=False)
+                return checkpoint(call, *args, use_reentrant=False, context_fn=_recomputing_context)
             run = partial(_run_reentrant, call)
             if mode == "offload":
                 with torch.autograd.graph.saved_tensors_hooks(_OFFLOAD.pack, _OFFLOAD.unpack):
@@ -91,6 +91,12 @@ def _checkpointed_class(cls: type, mode: str) -> type:
         new = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpoint_mode": mode})
         _CLASSES[cls, mode] = new
     return _CLASSES[cls, mode]
+
+
+def _recomputing_context():
+    """Non-reentrant checkpointing's (forward, recomputation) contexts: the recomputation leaves out the last
+    projection's matmul (recompute_skip.py)."""
+    return nullcontext(), recomputing()
 
 
 def _run_reentrant(call, *args):

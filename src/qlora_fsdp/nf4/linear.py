@@ -12,8 +12,10 @@ bias asks for it): LoRA adapters are separate modules beside it, which lets auto
 from weight-gradient work (DESIGN.md constraint 4). Under autocast the compute dtype is the autocast dtype;
 otherwise it is the input's dtype.
 
-output_needed=False (memory/recompute_skip.py: a checkpointed layer's recomputation, whose caller never reads y) runs
-no matmul and returns y unwritten (torch.empty), with the same backward and the same tensors saved for it.
+skippable=True (memory/recompute_skip.py: the last projection of a checkpointed layer): while `outputs_unused()` is on
+(that layer's recomputation, whose y nothing reads) the matmul does not run and y is returned unwritten, with the same
+backward and the same tensors saved for it. The flag is read when the op runs, not when it is traced (the custom op
+`qlora_fsdp::matmul_unless_unused`), so a compiled layer runs one graph in forward and in its recomputation.
 """
 
 from __future__ import annotations
@@ -80,22 +82,63 @@ def keep_dequantized(keep: bool) -> None:
     _KEEP_DEQUANTIZED = keep
 
 
+_OUTPUTS_UNUSED = False
+
+
+class outputs_unused:
+    """While on, skippable NF4 linears (nf4_linear(skippable=True)) compute no output. Reusable and nestable: a
+    non-reentrant checkpoint enters its recomputation context at every recomputation (the zero-bubble pipeline's
+    split backward recomputes a layer twice)."""
+
+    def __init__(self):
+        self._before: list[bool] = []
+
+    def __enter__(self):
+        global _OUTPUTS_UNUSED
+        self._before.append(_OUTPUTS_UNUSED)
+        _OUTPUTS_UNUSED = True
+        return self
+
+    def __exit__(self, *exc):
+        global _OUTPUTS_UNUSED
+        _OUTPUTS_UNUSED = self._before.pop()
+        return False
+
+
+@torch.library.custom_op("qlora_fsdp::matmul_unless_unused", mutates_args=())
+def matmul_unless_unused(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w^T, x (..., in), w (out, in) -> (..., out); unwritten (torch.empty) while outputs_unused() is on, decided
+    when the op runs: traced graphs treat it as one opaque op, the same graph either way."""
+    if _OUTPUTS_UNUSED:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+    return x @ w.t()
+
+
+@matmul_unless_unused.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
 class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight, bias: Tensor | None, dtype: torch.dtype, output_needed: bool = True) -> Tensor:
+    def forward(ctx, x: Tensor, weight, bias: Tensor | None, dtype: torch.dtype, skippable: bool = False) -> Tensor:
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.has_bias = bias is not None
         ctx.keep = _KEEP_DEQUANTIZED
-        if not output_needed:  # backward alone needs the weight: dequantized here only to be kept for it
+        tracing = torch.compiler.is_compiling()
+        if skippable and not tracing and _OUTPUTS_UNUSED:  # eager: the dequantization too, unless kept for backward
+            # (traced, the flag is not read here: the op below reads it at run time)
             if ctx.keep:
-                with _partitioner_policy(CheckpointPolicy.MUST_SAVE):
-                    ctx.save_for_backward(weight.dequantize(dtype))
+                ctx.save_for_backward(weight.dequantize(dtype))
             return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)  # (..., out), never written
         with _partitioner_policy(CheckpointPolicy.MUST_SAVE if ctx.keep else CheckpointPolicy.MUST_RECOMPUTE):
             w = weight.dequantize(dtype)  # (out, in)
         if ctx.keep:
             ctx.save_for_backward(w)
-        y = x.to(dtype) @ w.t()  # (..., out)
+        if skippable and tracing:
+            y = torch.ops.qlora_fsdp.matmul_unless_unused(x.to(dtype), w)  # (..., out)
+        else:
+            y = x.to(dtype) @ w.t()  # (..., out)
         if bias is not None:
             y = y + bias.to(dtype)
         return y
@@ -111,8 +154,8 @@ class NF4LinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None
 
 
-def nf4_linear(x: Tensor, weight, bias: Tensor | None = None, *, output_needed: bool = True) -> Tensor:
+def nf4_linear(x: Tensor, weight, bias: Tensor | None = None, *, skippable: bool = False) -> Tensor:
     """`F.linear(x, weight, bias)` for an NF4Tensor weight (see the module docstring)."""
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return NF4LinearFunction.apply(x, weight, bias, dtype, output_needed)
+        return NF4LinearFunction.apply(x, weight, bias, dtype, skippable)
