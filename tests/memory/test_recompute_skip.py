@@ -53,6 +53,30 @@ def test_recomputation_leaves_out_the_down_matmul_with_the_same_gradients(mode, 
     assert ref_flops - flops == cfg.num_hidden_layers * down
 
 
+@pytest.mark.parametrize("outer", [None, "reentrant"])
+def test_chunked_mlps_recompute_without_the_down_matmul(outer, monkeypatch):
+    """A chunk of a sequence-chunked MLP is recomputed for its own backward, which reads nothing of its output: the
+    down matmul runs in the forward alone (not in the layer's recomputation, nor in the chunk's), the same gradients."""
+    from qlora_fsdp.memory.chunked_mlp import chunk_mlps
+
+    def run():
+        model = lora_model()
+        chunk_mlps(model, 4)  # 3 x 11 tokens: chunks of 4, 4, ..., 1
+        if outer:
+            checkpoint_layers(model, reentrant=True)
+        return loss_and_backward_flops(model, ids)
+
+    ids = batch()
+    grads, flops = run()
+    monkeypatch.setattr(recompute_skip, "LAST_PROJECTION_OF", {})
+    ref, ref_flops = run()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=0, atol=0, msg=name)
+    cfg = transformers_model(lora_model()).config
+    down = 2 * ids.numel() * cfg.intermediate_size * cfg.hidden_size
+    assert ref_flops - flops == (2 if outer else 1) * cfg.num_hidden_layers * down
+
+
 def test_compiled_recomputation_runs_the_forward_graph_without_the_matmul():
     """A compiled layer runs one graph in forward and in its recomputation (the op reads the flag when it runs), so
     the non-reentrant form finds the tensors it saved. In backward each layer's op runs once (the recomputation) and

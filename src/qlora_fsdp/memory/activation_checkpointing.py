@@ -35,7 +35,6 @@ back while backward works on the layer above it (_HostOffload: copies on a side 
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -43,7 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .input_grad import embedding_output_requires_grad
-from .recompute_skip import mark_last_projections, recomputing
+from .recompute_skip import mark_last_projections, recomputation_contexts, recomputing
 from ..model import decoder_layers
 
 
@@ -81,7 +80,7 @@ def _checkpointed_class(cls: type, mode: str) -> type:
             if not (self.training and torch.is_grad_enabled()):
                 return call(*args)
             if mode == "non-reentrant":
-                return checkpoint(call, *args, use_reentrant=False, context_fn=_recomputing_context)
+                return checkpoint(call, *args, use_reentrant=False, context_fn=recomputation_contexts)
             run = partial(_run_reentrant, call)
             if mode == "offload":
                 with torch.autograd.graph.saved_tensors_hooks(_OFFLOAD.pack, _OFFLOAD.unpack):
@@ -91,12 +90,6 @@ def _checkpointed_class(cls: type, mode: str) -> type:
         new = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpoint_mode": mode})
         _CLASSES[cls, mode] = new
     return _CLASSES[cls, mode]
-
-
-def _recomputing_context():
-    """Non-reentrant checkpointing's (forward, recomputation) contexts: the recomputation leaves out the last
-    projection's matmul (recompute_skip.py)."""
-    return nullcontext(), recomputing()
 
 
 def _run_reentrant(call, *args):

@@ -8,10 +8,12 @@ and up for backward and, there, the activation and three gradients of that width
 400k tokens, the most of any part of the step once layers are checkpointed. Chunked:
     forward     each chunk's MLP runs under torch.utils.checkpoint: it keeps only its input, a view of the MLP
                 input, which the layer holds anyway; the (chunk, I) tensors live while the chunk runs
-    backward    each chunk's MLP runs again, then backpropagates: (chunk, I) tensors for one chunk at a time
+    backward    each chunk's MLP runs again (without the down projection's matmul, whose output nothing in the chunk's
+                backward reads: recompute_skip.py), then backpropagates: (chunk, I) tensors for one chunk at a time
     no grad     the chunks run plainly, one after the other
 Cost: inside a checkpointed layer the MLP runs forward three times a step instead of twice (the layer's forward, its
-recomputation, the chunk's recomputation), paid only for inputs longer than one chunk; the output is the chunks'
+recomputation, the chunk's recomputation; the down projection's matmul in the first alone), paid only for inputs
+longer than one chunk; the output is the chunks'
 outputs concatenated, (B, T, H) twice for a moment. Measured on an H100 (Llama 3.1 8B shape, compiled, offloaded
 layer inputs, CPU embedding), 1 x 32,768 tokens: 4,883 tokens/s chunked by 8,192 against 6,525 unchunked (0.75x),
 the same 12.9 GB peak (at that length the MLP is not the peak). It pays where a sequence does not fit otherwise:
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model import decoder_layers
+from .recompute_skip import mark_last_projections, recomputation_contexts
 
 
 def chunk_mlps(model: nn.Module, chunk_tokens: int) -> int:
@@ -42,6 +45,7 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> int:
         if not is_chunked(mlp):
             mlp.__class__ = _chunked_class(type(mlp))
         mlp.chunk_tokens = chunk_tokens
+    mark_last_projections(model, decoder_layers(model))  # a chunk's recomputation skips its down matmul
     return len(mlps)
 
 
@@ -64,7 +68,7 @@ def _chunked_class(cls: type) -> type:
                 return run(x)
             grad = torch.is_grad_enabled()
             # each chunk keeps only its input for backward (a view of x) and recomputes its MLP there
-            outs = [checkpoint(run, part, use_reentrant=False) if grad else run(part)
+            outs = [checkpoint(run, part, use_reentrant=False, context_fn=recomputation_contexts) if grad else run(part)
                     for part in flat.split(self.chunk_tokens)]  # fmt: skip  # [(chunk, H_out)]
             if not isinstance(outs[0], torch.Tensor):
                 raise TypeError(f"chunk_mlps: {cls.__name__} returns {type(outs[0]).__name__}, not one tensor: it "

@@ -17,12 +17,18 @@ forward matmuls (about 9% of a checkpointed step's); the gradients are those of 
     mark_last_projections(model, layers)      # the down projections of these (checkpointed) layers
     with recomputing():                       # activation_checkpointing.py, around a layer's recomputation
         layer(...)
+    checkpoint(fn, x, use_reentrant=False, context_fn=recomputation_contexts)
+
+The same holds for a chunk of a sequence-chunked MLP (chunked_mlp.py), whose output only its layer reads: its
+recomputation skips the down projection too (where the model type is one of LAST_PROJECTION_OF).
 
 Only for model types whose layers end in `h + mlp.down_proj(...)` (LAST_PROJECTION_OF; Gemma's post-feedforward norm
 reads the MLP output in backward, for one), and only NF4 base weights.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -40,6 +46,11 @@ def recomputing() -> outputs_unused:
     """The context of a checkpointed layer's recomputation: its marked projection (mark_last_projections) computes no
     output. Reusable: enter it at every recomputation."""
     return outputs_unused()
+
+
+def recomputation_contexts() -> tuple[nullcontext, outputs_unused]:
+    """torch.utils.checkpoint's non-reentrant `context_fn`: (forward, recomputation) contexts, the second recomputing()."""
+    return nullcontext(), recomputing()
 
 
 class OutputFreeInRecomputation(nn.Linear):
