@@ -13,11 +13,11 @@ and up for backward and, there, the activation and three gradients of that width
     no grad     the chunks run plainly, one after the other
 Cost: inside a checkpointed layer the MLP runs forward three times a step instead of twice (the layer's forward, its
 recomputation, the chunk's recomputation; the down projection's matmul in the first alone), paid only for inputs
-longer than one chunk; the output is the chunks'
-outputs concatenated, (B, T, H) twice for a moment. Measured on an H100 (Llama 3.1 8B shape, compiled, offloaded
-layer inputs, CPU embedding), 1 x 32,768 tokens: 4,883 tokens/s chunked by 8,192 against 6,525 unchunked (0.75x),
-the same 12.9 GB peak (at that length the MLP is not the peak). It pays where a sequence does not fit otherwise:
-with it 399,360 tokens train on that GPU (61 GB peak), without it 262,144 do not.
+longer than one chunk; the output is the chunks' outputs concatenated, (B, T, H) twice for a moment. Measured on an
+H100 (Llama 3.1 8B shape, compiled, offloaded layer inputs, CPU embedding), 1 x 32,768 tokens: 4,883 tokens/s
+chunked by 8,192 against 6,525 unchunked (0.75x), the same 12.9 GB peak (at that length the MLP is not the peak). It
+pays where a sequence does not fit otherwise: with it 399,360 tokens train on that GPU (61 GB peak), without it
+262,144 do not.
 
 The chunk loop is Python over a length known at run time, so under torch.compile it runs outside the graph
 (torch.compiler.disable): a compiled layer becomes two graphs, before and after its MLP, with one graph break.

@@ -5,14 +5,15 @@ A Llama-style layer ends with
     out = h + down(act)                       act (T, I), down's base weight W (H, I)
 
 and its backward reads neither `out` nor `down(act)`: the residual add passes the gradient through, down's input
-gradient is dY W, and its LoRA reads act and A(act). A checkpoint recomputes a layer in backward only to rebuild what
-the layer's backward reads (the reentrant form then backpropagates from the recomputed output, whose value is not
-used; the non-reentrant form takes the saved tensors alone). So while it recomputes, the down projection's base
-matmul is left out: its output is returned unwritten (nf4_linear(skippable=True) under outputs_unused(): torch.empty,
-the same tensors saved for backward), and the layer output computed from it is never looked at. The flag is read
-when the matmul runs, not when a compiled layer is traced, so forward and recomputation run one graph and save the
-same tensors (what the non-reentrant form checks). That is 2 T I H FLOPs a layer, 27% of a Llama 3.1 8B layer's
-forward matmuls (about 9% of a checkpointed step's); the gradients are those of the full recomputation, bit for bit.
+gradient is dY W, and its LoRA reads act and A(act). A checkpoint recomputes a layer in backward only to rebuild
+what the layer's backward reads (the reentrant form then backpropagates from the recomputed output, whose value is
+not used; the non-reentrant form takes the saved tensors alone). So while it recomputes, the down projection's base
+matmul is left out: its output is returned unwritten (nf4_linear(skippable=True) under outputs_unused():
+torch.empty, the same tensors saved for backward), and the layer output computed from it is never looked at. The
+flag is read when the matmul runs, not when a compiled layer is traced, so forward and recomputation run one graph
+and save the same tensors (what the non-reentrant form checks). That is 2 T I H FLOPs a layer, 27% of a Llama 3.1 8B
+layer's forward matmuls (about 9% of a checkpointed step's base matmuls); the gradients are those of the full
+recomputation, bit for bit.
 
     mark_last_projections(model, layers)      # the down projections of these (checkpointed) layers
     with recomputing():                       # activation_checkpointing.py, around a layer's recomputation
@@ -49,7 +50,8 @@ def recomputing() -> outputs_unused:
 
 
 def recomputation_contexts() -> tuple[nullcontext, outputs_unused]:
-    """torch.utils.checkpoint's non-reentrant `context_fn`: (forward, recomputation) contexts, the second recomputing()."""
+    """torch.utils.checkpoint's non-reentrant `context_fn`: the (forward, recomputation) contexts, the second
+    recomputing()."""
     return nullcontext(), recomputing()
 
 
