@@ -42,7 +42,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .input_grad import embedding_output_requires_grad
-from .recompute_skip import mark_last_projections, recomputation_contexts, recomputing
+from .recompute_skip import mark_last_projections, recomputation_contexts
+from ..nf4.linear import outputs_unused
 from ..model import decoder_layers
 
 
@@ -96,7 +97,7 @@ def _run_reentrant(call, *args):
     """The layer's call under a reentrant checkpoint: its forward runs without autograd, its recomputation in
     backward with it, and there the last projection computes no output (recompute_skip.py)."""
     if torch.is_grad_enabled():
-        with recomputing():
+        with outputs_unused():
             return call(*args)
     return call(*args)
 

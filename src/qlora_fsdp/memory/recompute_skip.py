@@ -16,7 +16,7 @@ layer's forward matmuls (about 9% of a checkpointed step's base matmuls); the gr
 recomputation, bit for bit.
 
     mark_last_projections(model, layers)      # the down projections of these (checkpointed) layers
-    with recomputing():                       # activation_checkpointing.py, around a layer's recomputation
+    with outputs_unused():                    # activation_checkpointing.py, around a layer's recomputation
         layer(...)
     checkpoint(fn, x, use_reentrant=False, context_fn=recomputation_contexts)
 
@@ -43,20 +43,14 @@ LAST_PROJECTION_OF = {"llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwe
                       "qwen3": "mlp.down_proj"}  # fmt: skip
 
 
-def recomputing() -> outputs_unused:
-    """The context of a checkpointed layer's recomputation: its marked projection (mark_last_projections) computes no
-    output. Reusable: enter it at every recomputation."""
-    return outputs_unused()
-
-
 def recomputation_contexts() -> tuple[nullcontext, outputs_unused]:
     """torch.utils.checkpoint's non-reentrant `context_fn`: the (forward, recomputation) contexts, the second
-    recomputing()."""
-    return nullcontext(), recomputing()
+    outputs_unused() (the marked projections compute no output)."""
+    return nullcontext(), outputs_unused()
 
 
 class OutputFreeInRecomputation(nn.Linear):
-    """An nn.Linear whose NF4 weight's matmul does not run while recomputing() is on (nf4_linear(skippable=True)); a
+    """An nn.Linear whose NF4 weight's matmul does not run while outputs_unused() is on (nf4_linear(skippable=True)); a
     dense weight runs as in nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +75,7 @@ def last_projection(model: nn.Module, layer: nn.Module) -> nn.Linear | None:
 
 def mark_last_projections(model: nn.Module, layers) -> int:
     """Make the last projection of each of `layers` (decoder layers of `model`) compute no output while
-    recomputing(); how many were marked. A class swap, as checkpoint_layers does: names and state dicts stay."""
+    outputs_unused(); how many were marked. A class swap, as checkpoint_layers does: names and state dicts stay."""
     marked = 0
     for layer in layers:
         linear = last_projection(model, layer)
