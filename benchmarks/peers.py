@@ -144,13 +144,19 @@ def model_config(name: str):
 
 
 def check_imports(names: list[str]) -> dict[str, str]:
-    """system -> "ok" or the first import error, each in a fresh process with the system's PYTHONPATH."""
-    out = {}
+    """system -> "ok" or the first import error, each in a fresh process with the system's PYTHONPATH; the
+    processes run at once, one per distinct (imports, PYTHONPATH): the import checks took 18 s of a CPU test run one
+    after another."""
+    code = lambda name: "; ".join(f"import {m}" for m in IMPORTS[name]) or "pass"  # noqa: E731
+    key = lambda name: (code(name), system_env(name).get("PYTHONPATH", ""))  # noqa: E731
+    procs = {}
     for name in names:
-        code = "; ".join(f"import {m}" for m in IMPORTS[name]) or "pass"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=system_env(name))
-        out[name] = "ok" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
-    return out
+        if key(name) not in procs:
+            procs[key(name)] = subprocess.Popen([sys.executable, "-c", code(name)], stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE, text=True, env=system_env(name))  # fmt: skip
+    errors = {k: (p.communicate()[1], p.returncode) for k, p in procs.items()}
+    return {name: "ok" if errors[key(name)][1] == 0 else (errors[key(name)][0].strip().splitlines() or ["?"])[-1]
+            for name in names}  # fmt: skip
 
 
 def system_env(name: str) -> dict:

@@ -28,3 +28,14 @@ def _fresh_compile_counters():
 
     counters.clear()
     guard_failures.clear()
+
+
+@pytest.fixture(autouse=True)
+def _restore_intra_op_threads():
+    """torch's intra-op threads are process-wide: a test that runs the CLI in-process as a torchrun rank (WORLD_SIZE
+    set) shares the host's cores among the ranks (parallel/cpu_threads.py), which left every later test of the
+    suite on one of CI's two cores (901 s of tests instead of ~800)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
