@@ -147,16 +147,19 @@ def check_imports(names: list[str]) -> dict[str, str]:
     """system -> "ok" or the first import error, each in a fresh process with the system's PYTHONPATH; the
     processes run at once, one per distinct (imports, PYTHONPATH): the import checks took 18 s of a CPU test run one
     after another."""
-    code = lambda name: "; ".join(f"import {m}" for m in IMPORTS[name]) or "pass"  # noqa: E731
-    key = lambda name: (code(name), system_env(name).get("PYTHONPATH", ""))  # noqa: E731
+    envs = {name: system_env(name) for name in names}
+    keys = {name: ("; ".join(f"import {m}" for m in IMPORTS[name]) or "pass", env.get("PYTHONPATH", ""))
+            for name, env in envs.items()}  # fmt: skip
     procs = {}
-    for name in names:
-        if key(name) not in procs:
-            procs[key(name)] = subprocess.Popen([sys.executable, "-c", code(name)], stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE, text=True, env=system_env(name))  # fmt: skip
-    errors = {k: (p.communicate()[1], p.returncode) for k, p in procs.items()}
-    return {name: "ok" if errors[key(name)][1] == 0 else (errors[key(name)][0].strip().splitlines() or ["?"])[-1]
-            for name in names}  # fmt: skip
+    for name, (code, path) in keys.items():
+        if (code, path) not in procs:
+            procs[code, path] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.PIPE, text=True, env=envs[name])  # fmt: skip
+    results = {}
+    for key, proc in procs.items():
+        stderr = proc.communicate()[1]
+        results[key] = "ok" if proc.returncode == 0 else (stderr.strip().splitlines() or ["?"])[-1]
+    return {name: results[key] for name, key in keys.items()}
 
 
 def system_env(name: str) -> dict:
